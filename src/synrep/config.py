@@ -1,0 +1,240 @@
+"""Typed dataclass configs: YAML files plus ``key=value`` overrides.
+
+Every stage has a dataclass config. :func:`load_config` builds one from an optional YAML file and a
+list of ``dotted.key=value`` strings, checks every key and type, and raises :class:`ConfigError`
+naming the key and what is allowed. :func:`save_config` writes the resolved config next to a run's
+outputs so that a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed; choose {_describe(tp)}")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"config key '{key}': {value!r} is not {_describe(tp)}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+        args = get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        if name not in types_:
+            raise _unknown_key(prefix + name, types_)
+        kwargs[name] = _coerce(value, types_[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (``1`` int, ``0.5`` float, ``[1,2]`` list, ``null``)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
+    """Return a copy of ``cfg`` with each ``dotted.key=value`` override applied and type-checked."""
+    cfg = dataclasses.replace(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        parts = key.split(".")
+        target = cfg
+        chain = [cfg]
+        for i, part in enumerate(parts[:-1]):
+            types_ = _field_types(type(target))
+            if part not in types_:
+                raise _unknown_key(".".join(parts[: i + 1]), types_)
+            child = getattr(target, part)
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section")
+            child = dataclasses.replace(child)
+            setattr(target, part, child)
+            target = child
+            chain.append(child)
+        types_ = _field_types(type(target))
+        leaf = parts[-1]
+        if leaf not in types_:
+            raise _unknown_key(key, types_)
+        value = _parse_scalar(raw)
+        if types_[leaf] is str or (get_origin(types_[leaf]) in (Union, types.UnionType) and str in get_args(types_[leaf]) and value is not None):
+            value = raw if not isinstance(value, (list, dict)) else value
+        setattr(target, leaf, _coerce(value, types_[leaf], key))
+    return cfg
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides."""
+    cfg = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        try:
+            cfg = _merge(cfg, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def _merge(cfg: T, data: dict, prefix: str = "") -> T:
+    types_ = _field_types(type(cfg))
+    updates = {}
+    for name, value in data.items():
+        if name not in types_:
+            raise _unknown_key(prefix + name, types_)
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            updates[name] = _merge(current, value, prefix + name + ".")
+        else:
+            updates[name] = _coerce(value, types_[name], prefix + name)
+    return dataclasses.replace(cfg, **updates)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict view of a dataclass config (tuples become lists) for YAML/JSON."""
+    def convert(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return convert(cfg)
+
+
+def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config as YAML into ``out_dir`` (atomically) and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

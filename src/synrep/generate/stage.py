@@ -1,0 +1,242 @@
+"""``synrep generate``: captions in, image shards out (StableRep/SynCLR stage 2).
+
+Captions are cut into shards of ``captions_per_shard`` in file order; shard k is drawn by rank
+``k mod world_size`` (static), in pipeline calls of ``batch_captions`` captions x n images. Image j of
+caption i starts from noise seeded by ``stable_seed(seed, i, j)`` (recorded in the metadata), so a
+rerun, a resumed run, or a run on any number of ranks gives the same bytes. With ``views=latent``
+(GenRep) a caption's images start from ``(z + sigma * eps_j) / sqrt(1 + sigma^2)`` around one anchor z.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..captions.stage import read_captions
+from ..config import config_to_dict, save_config
+from ..distributed import barrier, env_dist_info
+from ..plots import save_image_grid
+from ..shards import ShardWriter, list_shards, read_shard, shard_done, shard_name, write_index
+from ..utils import atomic_write_json, set_threads, stable_seed
+from .generators import DrawSettings, GeneratorSpecError, make_generator
+
+LOG = logging.getLogger("synrep.generate")
+SUMMARY_FILE = "generate_summary.json"
+
+
+@dataclass
+class GenerateConfig:
+    captions: str = "runs/captions/captions.jsonl"
+    out_dir: str = "runs/shards"
+    generator: str = "embedded"
+    images_per_caption: int = 4
+    guidance_scale: float = 2.5
+    steps: int = 10
+    scheduler: str = "ddim"
+    negative_prompt: str = ""
+    height: int = 0
+    width: int = 0
+    store_size: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    views: str = "independent"
+    sigma: float = 0.5
+    captions_per_shard: int = 100
+    batch_captions: int = 16
+    image_format: str = "png"
+    seed: int = 0
+    preview: bool = True
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    cpu_offload: bool = False
+    limit_captions: int = 0
+    num_threads: int = 0
+
+
+def validate(cfg: GenerateConfig) -> None:
+    if cfg.images_per_caption < 1:
+        raise ValueError(f"images_per_caption must be >= 1, got {cfg.images_per_caption}")
+    if cfg.guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.views not in ("independent", "latent"):
+        raise ValueError(f"views={cfg.views!r} is not allowed; choose independent or latent")
+    if cfg.views == "latent" and cfg.sigma <= 0:
+        raise ValueError(f"sigma must be > 0 for latent views, got {cfg.sigma}")
+    if cfg.captions_per_shard < 1 or cfg.batch_captions < 1:
+        raise ValueError("captions_per_shard and batch_captions must be >= 1")
+    if cfg.image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format={cfg.image_format!r} is not allowed; choose png or jpg")
+    if cfg.store_size < 0:
+        raise ValueError(f"store_size must be >= 0 (0 keeps the generated size), got {cfg.store_size}")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def image_seeds(seed: int, caption_id: int, n: int) -> list[int]:
+    return [stable_seed("image", seed, caption_id, j) % 2**63 for j in range(n)]
+
+
+def initial_noise(cfg: GenerateConfig, caption_id: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+    """Initial noise ``[n, *shape]`` for one caption's images, plus the seeds that made it."""
+    seeds = image_seeds(cfg.seed, caption_id, cfg.images_per_caption)
+    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    if cfg.views == "independent":
+        return eps, {"image_seeds": seeds}
+    anchor_seed = stable_seed("anchor", cfg.seed, caption_id) % 2**63
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(anchor_seed))
+    members = (z.unsqueeze(0) + cfg.sigma * eps) / math.sqrt(1 + cfg.sigma ** 2)
+    return members, {"image_seeds": seeds, "anchor_seed": anchor_seed, "sigma": cfg.sigma}
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[B, H, W, C]`` -> ``[B, size, size, C]`` (Lanczos), unchanged when already that size."""
+    if size == 0 or images.shape[1] == size and images.shape[2] == size:
+        return images
+    from PIL import Image
+
+    out = []
+    for img in images:
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        arr = np.asarray(pil.resize((size, size), Image.LANCZOS))
+        out.append(arr[..., None] if arr.ndim == 2 else arr)
+    return np.stack(out)
+
+
+def regenerate_image(cfg: GenerateConfig, caption: str, caption_id: int, index: int, generator=None) -> np.ndarray:
+    """Redraw image ``index`` of caption ``caption_id`` alone: uint8 ``[H, W, C]``."""
+    generator = generator or make_generator(cfg.generator, resolve_device(cfg.device), cfg.dtype, scheduler=cfg.scheduler)
+    settings = _settings(cfg)
+    generator.check(settings)
+    noise, _ = initial_noise(cfg, caption_id, generator.noise_shape(settings))
+    image = generator.draw([caption], noise[index:index + 1], settings)
+    return resize_images(image, cfg.store_size)[0]
+
+
+def _settings(cfg: GenerateConfig) -> DrawSettings:
+    return DrawSettings(cfg.guidance_scale, cfg.steps, cfg.scheduler, cfg.negative_prompt, cfg.height, cfg.width)
+
+
+def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records: list[dict], path: Path, bar) -> int:
+    shape = generator.noise_shape(settings)
+    n = cfg.images_per_caption
+    with ShardWriter(path, cfg.image_format, extra_stats={"first_caption": records[0]["id"], "last_caption": records[-1]["id"]}) as writer:
+        for start in range(0, len(records), cfg.batch_captions):
+            chunk = records[start:start + cfg.batch_captions]
+            noises, provenance = [], []
+            for rec in chunk:
+                noise, prov = initial_noise(cfg, int(rec["id"]), shape)
+                noises.append(noise)
+                provenance.append(prov)
+            prompts = [rec["caption"] for rec in chunk for _ in range(n)]
+            images = generator.draw(prompts, torch.cat(noises), settings)
+            images = resize_images(images, cfg.store_size)
+            for k, (rec, prov) in enumerate(zip(chunk, provenance)):
+                meta = {"caption": rec["caption"], "caption_id": int(rec["id"]), "concept": rec.get("concept", ""),
+                        "template": rec.get("template"), "background": rec.get("background"), "relation": rec.get("relation"),
+                        "caption_backend": rec.get("backend"), "generator": generator.name,
+                        "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
+                        "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov}
+                writer.add(f"{int(rec['id']):09d}", images[k * n:(k + 1) * n], meta)
+            bar.update(len(chunk) * n)
+    return len(records) * n
+
+
+def run_generate(cfg: GenerateConfig) -> Path:
+    """Draw every caption's images into ``out_dir``; returns ``out_dir``. Raises if any shard failed."""
+    validate(cfg)
+    set_threads(cfg.num_threads)
+    info = env_dist_info()
+    records = read_captions(cfg.captions)
+    if cfg.limit_captions:
+        records = records[:cfg.limit_captions]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "generate_config.json"
+    settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir")}
+    if settings_file.exists() and list_shards(out):
+        before = json.loads(settings_file.read_text())
+        changed = sorted(k for k in settings_now if before.get(k) != settings_now[k] and k not in ("batch_captions",))
+        if changed:
+            raise ValueError(f"{out} already holds shards made with different settings ({', '.join(changed)}); "
+                             "use a new out_dir or delete the old shards")
+    if info.is_main:
+        save_config(cfg, out)
+        atomic_write_json(settings_file, settings_now)
+    shard_ranges = [(k, records[s:s + cfg.captions_per_shard]) for k, s in enumerate(range(0, len(records), cfg.captions_per_shard))]
+    mine = [(k, recs) for k, recs in shard_ranges if k % info.world_size == info.rank]
+    todo = [(k, recs) for k, recs in mine if not shard_done(out / shard_name(k))]
+    if len(todo) < len(mine):
+        LOG.info("resuming: %d of %d shards already complete", len(mine) - len(todo), len(mine))
+    device = resolve_device(cfg.device)
+    generator = None
+    failed: list[str] = []
+    images_made, start = 0, time.time()
+    if todo:
+        generator = make_generator(cfg.generator, device, cfg.dtype, cfg.attention_slicing, cfg.vae_slicing, cfg.cpu_offload, cfg.scheduler)
+        settings = _settings(cfg)
+        generator.check(settings)
+        total = sum(len(r) for _, r in todo) * cfg.images_per_caption
+        with tqdm(total=total, desc=f"generate ({generator.name})", unit="img", disable=not info.is_main, dynamic_ncols=True) as bar:
+            for k, recs in todo:
+                path = out / shard_name(k)
+                try:
+                    images_made += _write_shard(cfg, generator, settings, recs, path, bar)
+                except (GeneratorSpecError, KeyboardInterrupt):
+                    raise
+                except (OSError, RuntimeError, ValueError) as err:
+                    failed.append(path.name)
+                    LOG.error("shard %s failed and was discarded (rerun to retry it): %s: %s", path.name, type(err).__name__, err)
+                bar.set_postfix(img_per_s=f"{images_made / max(time.time() - start, 1e-9):.1f}")
+    seconds = time.time() - start
+    barrier()
+    if failed:
+        raise RuntimeError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
+    if info.is_main:
+        gen_name = generator.name if generator else cfg.generator
+        index = write_index(out, {"generator": gen_name, "images_per_caption": cfg.images_per_caption,
+                                  "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "views": cfg.views,
+                                  "captions_file": str(cfg.captions), "image_format": cfg.image_format})
+        idx = json.loads(index.read_text())
+        first = read_shard(list_shards(out)[0])
+        image_size = list(first[0].images.shape[1:])
+        idx["image_shape"] = image_size
+        atomic_write_json(index, idx)
+        summary = {"captions": idx["num_groups"], "images": idx["num_images"], "shards": idx["num_shards"],
+                   "generator": gen_name, "image_shape": image_size, "images_this_run": images_made,
+                   "seconds_this_run": round(seconds, 2),
+                   "images_per_second": round(images_made / seconds, 2) if images_made and seconds > 0 else None,
+                   "settings": settings_now}
+        atomic_write_json(out / SUMMARY_FILE, summary)
+        if cfg.preview:
+            write_preview(out)
+        LOG.info("generated %d images this run (%d total in %d shards) -> %s", images_made, idx["num_images"], idx["num_shards"], out)
+    return out
+
+
+def write_preview(folder: str | Path, captions: int = 8, path: str | Path | None = None) -> Path:
+    """PNG grid: rows = the first ``captions`` caption groups, columns = their images."""
+    folder = Path(folder)
+    rows, labels = [], []
+    for shard in list_shards(folder):
+        for sample in read_shard(shard):
+            rows.append(list(sample.images))
+            labels.append(sample.meta.get("caption", sample.key))
+            if len(rows) >= captions:
+                break
+        if len(rows) >= captions:
+            break
+    return save_image_grid(path or folder / "preview.png", rows, labels, title=f"{folder.name}: captions x images")

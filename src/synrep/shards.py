@@ -1,0 +1,327 @@
+"""Image shards: WebDataset-compatible tar files, one sample per caption group.
+
+A sample is a caption's ``n`` images plus one JSON of provenance. Member names follow WebDataset's
+``<key>.<ext>`` rule: ``000000042.json``, ``000000042.0.png``, ``000000042.1.png`` ... so
+``webdataset`` reads the shards as they are (key ``000000042``, fields ``json``, ``0.png`` ...).
+
+Writing is crash-safe: a shard is written to ``.shard-00003.tar.tmp``, fsynced, renamed to
+``shard-00003.tar``, and only then is its stats file ``shard-00003.json`` (the done-marker: sample
+and image counts, bytes, sha256) written. Readers see only renamed shards; a rerun rewrites any shard
+without a valid marker. ``index.json`` at the top describes the whole dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .utils import atomic_write_json
+
+LOG = logging.getLogger("synrep.shards")
+SHARD_FORMAT = "synrep-shards-v1"
+INDEX_FILE = "index.json"
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+
+
+class ShardError(RuntimeError):
+    """A shard is corrupt, truncated, or holds an unsafe or inconsistent member."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.tar"
+
+
+def marker_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def check_member_name(name: str) -> str:
+    """Refuse member names that could escape the extraction folder or break the key.ext rule."""
+    path = PurePosixPath(name)
+    if not name or name.startswith(("/", "\\")) or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ShardError(f"unsafe member name {name!r}: absolute paths and '..' are not allowed")
+    if len(path.parts) != 1 or name.startswith("."):
+        raise ShardError(f"member name {name!r} must be a plain file name (no folders, no leading dot)")
+    return name
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """uint8 ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` to PNG/JPEG bytes (deterministic)."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    buf = io.BytesIO()
+    pil = Image.fromarray(array)
+    if fmt == "png":
+        pil.save(buf, format="PNG", optimize=False)
+    elif fmt in ("jpg", "jpeg"):
+        pil.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"image format {fmt!r} is not supported; choose png or jpg")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
+    """Image bytes to uint8 ``[H, W, C]``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if channels == 3 or (channels is None and im.mode not in ("L", "1", "I;16")):
+            arr = np.asarray(im.convert("RGB"))
+        else:
+            arr = np.asarray(im.convert("L"))[..., None]
+    return arr
+
+
+@dataclass
+class GroupSample:
+    """One caption group: ``images`` uint8 ``[n, H, W, C]`` and its provenance ``meta``."""
+
+    key: str
+    images: np.ndarray
+    meta: dict
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(check_member_name(name))
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Write one shard atomically. Use as a context manager; an exception discards the partial file."""
+
+    def __init__(self, path: str | Path, image_format: str = "png", extra_stats: dict | None = None):
+        if image_format not in ("png", "jpg"):
+            raise ValueError(f"image_format {image_format!r} is not allowed; choose png or jpg")
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.image_format = image_format
+        self.samples = 0
+        self.images = 0
+        self.extra_stats = extra_stats or {}
+        self._fh = None
+        self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def add(self, key: str, images: Iterable[np.ndarray], meta: dict) -> None:
+        """Add a caption group: ``images`` is a sequence of uint8 ``[H, W, C]`` arrays."""
+        if "." in key:
+            raise ShardError(f"sample key {key!r} must not contain '.'")
+        images = list(images)
+        meta = {**meta, "key": key, "n_images": len(images), "image_format": self.image_format}
+        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        for i, img in enumerate(images):
+            _add_member(self._tar, f"{key}.{i}.{self.image_format}", encode_image(img, self.image_format))
+        self.samples += 1
+        self.images += len(images)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._tar.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        atomic_write_json(marker_path(self.path), {"shard": self.path.name, "samples": self.samples, "images": self.images,
+                                                    "bytes": self.path.stat().st_size, "sha256": digest, **self.extra_stats})
+
+
+def shard_done(path: str | Path) -> bool:
+    """True when the shard and its done-marker exist and agree on the file size."""
+    path = Path(path)
+    marker = marker_path(path)
+    if not path.exists() or not marker.exists():
+        return False
+    try:
+        stats = json.loads(marker.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return stats.get("bytes") == path.stat().st_size
+
+
+def read_shard(path: str | Path) -> list[GroupSample]:
+    """All samples of one shard, fully checked; raises ShardError on any corruption."""
+    path = Path(path)
+    groups: dict[str, dict] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                name = check_member_name(member.name)
+                if not member.isfile():
+                    raise ShardError(f"{path}: member {name!r} is not a regular file")
+                key, _, ext = name.partition(".")
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise ShardError(f"{path}: member {name!r} is truncated")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{path}: unreadable or truncated tar ({err})") from None
+    samples = []
+    for key in order:
+        fields = groups[key]
+        if "json" not in fields:
+            raise ShardError(f"{path}: sample {key} has no json metadata")
+        try:
+            meta = json.loads(fields["json"])
+        except json.JSONDecodeError as err:
+            raise ShardError(f"{path}: sample {key} has invalid json ({err})") from None
+        n = int(meta.get("n_images", -1))
+        images = []
+        for i in range(n):
+            data = next((fields[f"{i}.{e}"] for e in IMAGE_EXTS if f"{i}.{e}" in fields), None)
+            if data is None:
+                raise ShardError(f"{path}: sample {key} lacks image {i} of {n}")
+            try:
+                images.append(decode_image(data))
+            except OSError as err:
+                raise ShardError(f"{path}: sample {key} image {i} cannot be decoded ({err})") from None
+        if n < 1 or len({im.shape for im in images}) != 1:
+            raise ShardError(f"{path}: sample {key} has {n} images or images of different sizes")
+        samples.append(GroupSample(key, np.stack(images), meta))
+    if not samples:
+        raise ShardError(f"{path}: shard holds no samples")
+    return samples
+
+
+def list_shards(folder: str | Path) -> list[Path]:
+    """Completed shards in ``folder`` (renamed ``shard-*.tar``; temporary files are never listed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShardError(f"shard folder {folder} does not exist")
+    return sorted(p for p in folder.glob("shard-*.tar") if p.is_file())
+
+
+@dataclass
+class ReadStats:
+    shards_read: int = 0
+    shards_skipped: int = 0
+    samples: int = 0
+    images: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def iter_samples(shards: Iterable[str | Path], stats: ReadStats | None = None, rank: int = 0, world_size: int = 1,
+                 worker: int = 0, num_workers: int = 1) -> Iterator[GroupSample]:
+    """Stream samples from this (rank, worker)'s shards: shard i goes to reader i mod (world x workers).
+
+    A corrupt shard is skipped with a warning and counted in ``stats``; reading never stops mid-epoch.
+    """
+    stats = stats if stats is not None else ReadStats()
+    readers = world_size * num_workers
+    me = rank * num_workers + worker
+    for i, shard in enumerate(shards):
+        if i % readers != me:
+            continue
+        try:
+            samples = read_shard(shard)
+        except ShardError as err:
+            stats.shards_skipped += 1
+            stats.skipped.append(str(shard))
+            LOG.warning("skipping corrupt shard (%d skipped so far): %s", stats.shards_skipped, err)
+            continue
+        stats.shards_read += 1
+        for sample in samples:
+            stats.samples += 1
+            stats.images += len(sample.images)
+            yield sample
+
+
+@dataclass
+class GroupedImages:
+    """All caption groups of a shard folder in memory.
+
+    ``images`` uint8 ``[N_images, H, W, C]``; group g owns ``images[offsets[g]:offsets[g+1]]``;
+    ``metas[g]`` is its provenance; ``concept_ids[g]`` indexes ``concepts``.
+    """
+
+    images: np.ndarray
+    offsets: np.ndarray
+    metas: list[dict]
+    concepts: list[str]
+    concept_ids: np.ndarray
+    stats: ReadStats
+
+    @property
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+
+def load_groups(folder: str | Path) -> GroupedImages:
+    """Read every completed shard of ``folder`` into memory (corrupt shards skipped and counted)."""
+    shards = list_shards(folder)
+    if not shards:
+        raise ShardError(f"shard folder {folder} holds no completed shards (shard-*.tar); run `synrep generate` first")
+    stats = ReadStats()
+    arrays, metas = [], []
+    for sample in iter_samples(shards, stats):
+        arrays.append(sample.images)
+        metas.append(sample.meta)
+    if not arrays:
+        raise ShardError(f"shard folder {folder}: all {len(shards)} shards are corrupt")
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise ShardError(f"shard folder {folder} mixes image shapes {sorted(shapes)}")
+    sizes = np.array([len(a) for a in arrays])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    concepts = sorted({str(m.get("concept", "")) for m in metas})
+    lookup = {c: i for i, c in enumerate(concepts)}
+    concept_ids = np.array([lookup[str(m.get("concept", ""))] for m in metas], dtype=np.int64)
+    if stats.shards_skipped:
+        LOG.warning("%d of %d shards in %s were corrupt and skipped", stats.shards_skipped, len(shards), folder)
+    return GroupedImages(np.concatenate(arrays), offsets, metas, concepts, concept_ids, stats)
+
+
+def write_index(folder: str | Path, info: dict) -> Path:
+    """Write ``index.json``: dataset-level facts plus every shard's stats."""
+    folder = Path(folder)
+    shards = []
+    for shard in list_shards(folder):
+        marker = marker_path(shard)
+        if marker.exists():
+            shards.append(json.loads(marker.read_text()))
+    index = {"format": SHARD_FORMAT, **info, "num_shards": len(shards),
+             "num_groups": sum(s["samples"] for s in shards), "num_images": sum(s["images"] for s in shards), "shards": shards}
+    atomic_write_json(folder / INDEX_FILE, index)
+    return folder / INDEX_FILE
+
+
+def read_index(folder: str | Path) -> dict:
+    path = Path(folder) / INDEX_FILE
+    if not path.exists():
+        raise ShardError(f"{path} does not exist: the folder is not a finished synrep shard dataset")
+    return json.loads(path.read_text())

@@ -1,0 +1,254 @@
+"""``synrep train``: the training loop shared by every method.
+
+AdamW, linear warm-up then cosine decay, learning rate scaled by the global batch size, gradient
+clipping, AMP on GPU (fp32 on CPU), DDP under torchrun (gloo on CPU, NCCL on GPU), checkpoints with
+model/optimizer/sampler/RNG state every ``checkpoint_every`` steps, ``resume`` from the latest, metrics
+as JSON lines, a NaN/inf guard, and the encoder exported as safetensors at the end.
+
+The batch and the augmentation randomness at step k are functions of (seed, k, rank) only, so a run
+resumed from step k continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import config_to_dict, save_config
+from ..distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from ..plots import save_curve
+from ..sampler import MultiPositiveBatchSampler
+from ..utils import append_jsonl, atomic_torch_save, read_jsonl, set_threads, stable_seed
+from .augment import AugmentConfig
+from .backbones import BackboneConfig
+from .data import GroupData, attach_text_embeddings, load_train_data, make_batch
+from .export import export_encoder
+from .methods import METHODS, MethodConfig, SynCLRMethod, build_method
+
+LOG = logging.getLogger("synrep.train")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad settings, or a NaN/inf loss)."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = "runs/shards"
+    out_dir: str = "runs/train"
+    method: str = "stablerep"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: MethodConfig = field(default_factory=MethodConfig)
+    groups_per_batch: int = 64
+    images_per_group: int = 4
+    short_groups: str = "fewer"
+    steps: int = 300
+    base_lr: float = 1e-3
+    lr_scaling: str = "linear"  # linear | sqrt | none, relative to a global batch of 256
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    grad_clip: float = 3.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int = 0
+    limit_groups: int = 0
+    resume: bool = True
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps of this call: for tests and preemption drills
+
+
+def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    return cfg.groups_per_batch * cfg.images_per_group * world_size
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    ratio = global_batch_size(cfg, world_size) / 256
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}.get(cfg.lr_scaling)
+    if factor is None:
+        raise TrainingError(f"lr_scaling={cfg.lr_scaling!r} is not allowed; choose linear, sqrt or none")
+    return cfg.base_lr * factor
+
+
+def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine down to ``min_lr_ratio * peak``."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise TrainingError(f"method={cfg.method!r} is not allowed; choose one of {', '.join(METHODS)}")
+    if cfg.steps < 1 or cfg.groups_per_batch < 1 or cfg.images_per_group < 1:
+        raise TrainingError("steps, groups_per_batch and images_per_group must be >= 1")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed", "logit_scale")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _prepare(cfg: TrainConfig, data: GroupData) -> None:
+    if cfg.backbone.in_channels != data.images.shape[-1] or cfg.backbone.image_size != data.images.shape[1]:
+        LOG.info("backbone input set from the data: %d px, %d channel(s)", data.images.shape[1], data.images.shape[-1])
+        cfg.backbone.image_size = int(data.images.shape[1])
+        cfg.backbone.in_channels = int(data.images.shape[-1])
+    if cfg.method == "stablerep+":
+        attach_text_embeddings(data)
+    sizes = np.diff(data.offsets)
+    if cfg.method in ("stablerep", "stablerep+", "synclr") and sizes.max() < 2 and cfg.loss.views < 2:
+        raise TrainingError(f"method {cfg.method} needs several images per caption (or loss.views>=2); {data.source} has one per group")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, checkpoint and export; returns the exported encoder folder ``out_dir/encoder``."""
+    validate(cfg)
+    set_threads(cfg.num_threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    info = init_distributed(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_train_data(cfg.data, cfg.limit_groups)
+    _prepare(cfg, data)
+    if info.is_main:
+        save_config(cfg, out)
+    torch.manual_seed(cfg.seed)
+    model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(data.class_names), cfg.steps).to(device)
+    sampler = MultiPositiveBatchSampler(data.offsets, cfg.groups_per_batch, cfg.images_per_group, cfg.seed,
+                                        info.rank, info.world_size, cfg.short_groups)
+    peak_lr = scaled_lr(cfg, info.world_size)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.98))
+    use_amp = cfg.amp and device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    step = 0
+    ckpt = out / CHECKPOINT
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        LOG.info("resumed from %s at step %d", ckpt, step)
+    elif info.is_main and (out / METRICS).exists():
+        (out / METRICS).unlink()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else model
+    group_of_image = data.group_of_image()
+    batch_images = cfg.groups_per_batch * cfg.images_per_group
+    LOG.info("training %s on %s: %d groups, %d images, backbone %s (%.2fM params), global batch %d, lr %.2e, %d steps",
+             cfg.method, cfg.data, data.num_groups, len(data.images), cfg.backbone.name,
+             sum(p.numel() for p in model.backbone.parameters()) / 1e6, global_batch_size(cfg, info.world_size), peak_lr, cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not info.is_main, dynamic_ncols=True)
+    window_start, window_images, done_this_call = time.time(), 0, 0
+    iterator = iter(sampler)
+    while step < cfg.steps:
+        try:
+            indices = next(iterator)
+        except StopIteration:
+            sampler.set_epoch(sampler.epoch + 1)
+            iterator = iter(sampler)
+            continue
+        batch = make_batch(data, indices, group_of_image, info.rank, device)
+        generator = torch.Generator().manual_seed(stable_seed("augment", cfg.seed, step, info.rank) % 2**63)
+        lr = lr_at(step, peak_lr, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            terms = ddp(batch, generator, step)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {step} ({ {k: float(v) for k, v in terms.items()} }); "
+                                f"lower base_lr (now {cfg.base_lr}) or raise loss.temperature; the last checkpoint is kept in {ckpt}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        record = {"step": step + 1, "loss": all_reduce_mean(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
+                  "epoch": sampler.epoch}
+        record.update({k: all_reduce_mean(v.item()) for k, v in terms.items()})
+        if isinstance(model, SynCLRMethod):
+            record["ema_momentum"] = model.update_teacher(step)
+            record["teacher_temp"] = model.teacher_temperature(step)
+        if hasattr(model, "logit_scale"):
+            record["logit_scale"] = float(model.logit_scale.detach().exp())
+        step += 1
+        done_this_call += 1
+        window_images += len(indices) * info.world_size
+        if info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            record["img_per_s"] = window_images / max(time.time() - window_start, 1e-9)
+            window_start, window_images = time.time(), 0
+            append_jsonl(out / METRICS, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
+        bar.update(1)
+        stop_now = cfg.stop_after and done_this_call >= cfg.stop_after
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now:
+            if info.is_main:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                   "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                                   "config": config_to_dict(cfg)}, ckpt)
+            barrier()
+        if stop_now:
+            bar.close()
+            LOG.info("stopped after %d steps at step %d (stop_after); resume with the same command", done_this_call, step)
+            cleanup()
+            return out / "encoder"
+    bar.close()
+    folder = out / "encoder"
+    if info.is_main:
+        folder = finish(cfg, model, data, out, batch_images)
+    barrier()
+    cleanup()
+    return folder
+
+
+def finish(cfg: TrainConfig, model: torch.nn.Module, data: GroupData, out: Path, batch_images: int) -> Path:
+    """Export the encoder with a model card, and draw the loss curve."""
+    metrics = read_jsonl(out / METRICS)
+    if metrics:
+        keys = [k for k in metrics[-1] if k not in ("step", "lr", "grad_norm", "epoch", "img_per_s", "ema_momentum", "teacher_temp", "logit_scale")]
+        save_curve(out / "loss_curve.png", {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys},
+                   title=f"{cfg.method} training loss")
+    speed = [m["img_per_s"] for m in metrics if "img_per_s" in m]
+    info = {"method": cfg.method, "data": cfg.data, "steps": cfg.steps, "seed": cfg.seed,
+            "final_loss": metrics[-1]["loss"] if metrics else None, "train_config": config_to_dict(cfg)}
+    card = f"""# synrep encoder: {cfg.method}
+
+| field | value |
+|---|---|
+| method | {cfg.method} |
+| training data | `{cfg.data}` ({data.num_groups} groups, {len(data.images)} images, classes: {', '.join(data.class_names[:10])}) |
+| backbone | {cfg.backbone.name} ({sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M params, {model.backbone.feature_dim}-d features) |
+| steps x batch | {cfg.steps} x {batch_images} images per rank |
+| seed | {cfg.seed} |
+| final loss | {info['final_loss']} |
+| throughput | {np.median(speed) if speed else float('nan'):.0f} images/s (median) |
+
+Load it with `synrep.training.export.load_encoder("{out / 'encoder'}")`; evaluate with `synrep eval encoder={out / 'encoder'}`.
+"""
+    return export_encoder(model.backbone, cfg.backbone, out / "encoder", info, card)
