@@ -66,7 +66,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist_dir(root: str | Path | None = None) -> Path:
     """The folder holding Fashion-MNIST idx files: ``root``, $SYNREP_FASHION_MNIST, or the Debian package's."""
-    candidates = [root, os.environ.get("SYNREP_FASHION_MNIST"), FASHION_MNIST_DEBIAN_DIR]
+    candidates = [root] if root else [os.environ.get("SYNREP_FASHION_MNIST"), FASHION_MNIST_DEBIAN_DIR]
     for cand in candidates:
         if cand and (Path(cand) / "train-images-idx3-ubyte.gz").exists():
             return Path(cand)

@@ -1,0 +1,121 @@
+"""``synrep run``: captions -> images -> training -> evaluation -> report, from one config.
+
+Each stage writes into its own folder of the run directory and is skipped when its outputs are
+complete, so a killed run continues where it stopped (and the stages themselves resume inside).
+Stages only talk through files; this module only sequences them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .captions.stage import CaptionsConfig, run_captions
+from .config import save_config
+from .evaluation.stage import EvalConfig, evaluate, headline
+from .generate.stage import GenerateConfig, run_generate
+from .report import write_report
+from .shards import INDEX_FILE
+from .training.loop import TrainConfig, train
+from .utils import atomic_write_json, read_jsonl
+
+LOG = logging.getLogger("synrep.run")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    baselines: list[str] = field(default_factory=lambda: ["pixels", "random"])
+    num_threads: int = 0
+    captions: CaptionsConfig = field(default_factory=lambda: CaptionsConfig(per_concept=50))
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(images_per_caption=4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, groups_per_batch=64, images_per_group=4))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=10000))
+
+
+QUICK_OVERRIDES = [
+    "out_dir=runs/quick", "captions.per_concept=16", "train.steps=60", "train.warmup_steps=10",
+    "train.groups_per_batch=32", "eval.probe_train_size=5000", "eval.protocols=[linear,knn]",
+]
+
+
+def stage_paths(cfg: RunConfig) -> RunConfig:
+    """Point every stage at its folder inside ``out_dir`` (captions/, shards/, train/, eval/)."""
+    root = Path(cfg.out_dir)
+    cap = dataclasses.replace(cfg.captions, out_dir=str(root / "captions"), num_threads=cfg.num_threads or cfg.captions.num_threads)
+    gen = dataclasses.replace(cfg.generate, captions=str(root / "captions" / "captions.jsonl"), out_dir=str(root / "shards"),
+                              num_threads=cfg.num_threads or cfg.generate.num_threads)
+    trn = dataclasses.replace(cfg.train, data=str(root / "shards"), out_dir=str(root / "train"),
+                              num_threads=cfg.num_threads or cfg.train.num_threads)
+    ev = dataclasses.replace(cfg.eval, encoder=str(root / "train" / "encoder"), out_dir=str(root / "eval" / "encoder"),
+                             num_threads=cfg.num_threads or cfg.eval.num_threads)
+    return dataclasses.replace(cfg, captions=cap, generate=gen, train=trn, eval=ev)
+
+
+def _timed(timings: dict, name: str, fn, *args):
+    start = time.time()
+    result = fn(*args)
+    timings[name] = round(time.time() - start, 1)
+    return result
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    cfg = stage_paths(cfg)
+    root = Path(cfg.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root)
+    timings_path = root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    if (root / "captions" / "summary.json").exists():
+        LOG.info("[1/4] captions: complete, skipped")
+    else:
+        LOG.info("[1/4] captions: %s backend, %d per concept of %s", cfg.captions.backend, cfg.captions.per_concept, cfg.captions.concepts)
+        _timed(timings, "captions", run_captions, cfg.captions)
+        atomic_write_json(timings_path, timings)
+
+    if (root / "shards" / INDEX_FILE).exists():
+        LOG.info("[2/4] images: complete, skipped")
+    else:
+        LOG.info("[2/4] images: %s, %d per caption, guidance %g", cfg.generate.generator, cfg.generate.images_per_caption, cfg.generate.guidance_scale)
+        _timed(timings, "generate", run_generate, cfg.generate)
+        atomic_write_json(timings_path, timings)
+
+    if (root / "train" / "encoder" / "model.safetensors").exists():
+        LOG.info("[3/4] training: complete, skipped")
+    else:
+        LOG.info("[3/4] training: %s on %s, %d steps", cfg.train.method, cfg.train.backbone.name, cfg.train.steps)
+        _timed(timings, "train", train, cfg.train)
+        atomic_write_json(timings_path, timings)
+
+    results = {}
+    encoders = {"encoder": str(root / "train" / "encoder")}
+    backbone = json.loads((root / "train" / "encoder" / "encoder.json").read_text())["backbone"]
+    if "pixels" in cfg.baselines:
+        encoders["pixels"] = "pixels"
+    if "random" in cfg.baselines:
+        encoders["random"] = f"random:{backbone['name']}"
+    for name, encoder in encoders.items():
+        folder = root / "eval" / name
+        if (folder / "eval.json").exists():
+            LOG.info("[4/4] evaluation of %s: complete, skipped", name)
+            results[name] = json.loads((folder / "eval.json").read_text())
+            continue
+        LOG.info("[4/4] evaluation of %s on real %s test", name, cfg.eval.dataset)
+        ev = dataclasses.replace(cfg.eval, encoder=encoder, out_dir=str(folder),
+                                 random_backbone=dataclasses.replace(cfg.train.backbone, **{k: backbone[k] for k in ("image_size", "in_channels")}))
+        results[name] = _timed(timings, f"eval_{name}", evaluate, ev)
+        atomic_write_json(timings_path, timings)
+    report = write_report(root)
+    summary = {"report": str(report), "timings_s": timings, "headline": {k: headline(v) for k, v in results.items()},
+               "linear_top1": {k: v["linear"]["top1"] for k, v in results.items() if "linear" in v}}
+    atomic_write_json(root / "summary.json", summary)
+    return summary
+
+
+def train_metrics(root: Path) -> list[dict]:
+    return read_jsonl(root / "train" / "metrics.jsonl")

@@ -1,0 +1,91 @@
+"""``synrep report <run-dir>``: rebuild ``report.md`` and its PNGs from what a run folder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .evaluation.stage import results_table
+from .plots import save_bar_chart, save_curve
+from .utils import atomic_write_text, read_jsonl
+
+
+class ReportError(RuntimeError):
+    """The folder is not a synrep run folder."""
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(run_dir: str | Path) -> Path:
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ReportError(f"run folder {root} does not exist")
+    if not any((root / sub).exists() for sub in ("captions", "shards", "train", "eval")):
+        raise ReportError(f"{root} is not a synrep run folder (no captions/, shards/, train/ or eval/ inside)")
+    figures = root / "figures"
+    figures.mkdir(exist_ok=True)
+    lines = [f"# synrep run report: `{root}`", ""]
+    timings = _load(root / "timings.json") or {}
+
+    captions = _load(root / "captions" / "summary.json")
+    if captions:
+        lines += ["## 1. Captions", "",
+                  f"{captions['captions']} captions for {captions['concepts']} concepts from the `{captions['backend']}` backend; "
+                  f"per template {captions['per_template']}; {captions['rejected']} rejected, {captions['duplicates']} duplicates removed; "
+                  f"distinct-word ratio {captions['distinct_word_ratio']}.", ""]
+        sample = [json.loads(l) for l in (root / "captions" / "captions.jsonl").read_text().splitlines()[:: max(1, captions['captions'] // 8)]][:8]
+        lines += [f"- *{r['caption']}* ({r['concept']}, {r['template']})" for r in sample] + [""]
+
+    gen = _load(root / "shards" / "generate_summary.json")
+    if gen:
+        from .generate.stage import write_preview
+
+        write_preview(root / "shards", path=figures / "samples.png")
+        speed = f", {gen['images_per_second']} images/s" if gen.get("images_per_second") else ""
+        lines += ["## 2. Images", "",
+                  f"{gen['images']} images ({gen['captions']} captions x {gen['settings']['images_per_caption']}) from `{gen['generator']}`, "
+                  f"guidance {gen['settings']['guidance_scale']}, {gen['settings']['steps']} steps, views `{gen['settings']['views']}`{speed}.", "",
+                  "![captions and their generated images](figures/samples.png)", ""]
+
+    metrics = read_jsonl(root / "train" / "metrics.jsonl")
+    encoder_meta = _load(root / "train" / "encoder" / "encoder.json")
+    if metrics:
+        keys = [k for k in metrics[-1] if k not in ("step", "lr", "grad_norm", "epoch", "img_per_s", "ema_momentum", "teacher_temp", "logit_scale")]
+        save_curve(figures / "loss_curve.png", {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys},
+                   title="training loss")
+        speed = [m["img_per_s"] for m in metrics if "img_per_s" in m]
+        method = encoder_meta["method"] if encoder_meta else "?"
+        lines += ["## 3. Training", "",
+                  f"Method `{method}`, backbone `{encoder_meta['backbone']['name'] if encoder_meta else '?'}`, "
+                  f"{metrics[-1]['step']} steps, loss {metrics[0]['loss']:.3f} → {metrics[-1]['loss']:.3f}, "
+                  f"≈{sorted(speed)[len(speed) // 2]:.0f} images/s." if speed else "", "",
+                  "![training loss](figures/loss_curve.png)", ""]
+
+    names, rows = [], []
+    labels = {"encoder": "synthetic-trained encoder", "pixels": "raw pixels", "random": "random-init encoder (same architecture)"}
+    for name in ("encoder", "random", "pixels"):
+        r = _load(root / "eval" / name / "eval.json")
+        if r:
+            names.append(labels[name])
+            rows.append(r)
+    if rows:
+        lines += ["## 4. Evaluation on real images", "",
+                  f"Frozen features on the real `{rows[0]['dataset']}` test split ({rows[0]['test_images']} images); "
+                  f"probes fit on {rows[0]['train_images']} real train images (regularisation chosen on a split of train).", "",
+                  results_table(rows, names)]
+        if all("linear" in r for r in rows):
+            save_bar_chart(figures / "eval.png", names, [r["linear"]["top1"] for r in rows], "linear probe on real test", "top-1 (%)")
+            lines += ["![linear probe](figures/eval.png)", ""]
+            ours = rows[0]["linear"]["top1"] if names[0] == labels["encoder"] else None
+            if ours is not None and len(rows) > 1:
+                best_base = max(r["linear"]["top1"] for r in rows[1:])
+                verdict = "beats" if ours > best_base else "does not beat"
+                lines += [f"**Headline:** the encoder trained on synthetic images only reaches {ours:.2f}% linear top-1 and "
+                          f"{verdict} the best baseline ({best_base:.2f}%).", ""]
+    if timings:
+        lines += ["## Wall time", "", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in timings.items()] + [""]
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

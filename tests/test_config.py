@@ -1,0 +1,59 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from synrep.config import ConfigError, load_config, save_config
+
+
+@dataclass
+class Inner:
+    name: str = "cnn"
+    size: int = 28
+
+
+@dataclass
+class Outer:
+    steps: int = 10
+    lr: float = 0.1
+    flag: bool = False
+    tags: list[str] = field(default_factory=lambda: ["a"])
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_overrides_change_values_with_types():
+    cfg = load_config(Outer, None, ["steps=5", "lr=1e-3", "flag=true", "inner.name=vit-micro", "tags=[x,y]"])
+    assert cfg.steps == 5 and cfg.lr == pytest.approx(1e-3) and cfg.flag is True
+    assert cfg.inner.name == "vit-micro" and cfg.tags == ["x", "y"]
+    assert Outer().inner.name == "cnn", "defaults must not be mutated"
+
+
+def test_unknown_key_names_key_and_valid_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, None, ["stepz=3"])
+    assert "stepz" in str(err.value) and "steps" in str(err.value) and "did you mean" in str(err.value)
+    with pytest.raises(ConfigError, match="inner.nmae"):
+        load_config(Outer, None, ["inner.nmae=x"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="steps.*integer"):
+        load_config(Outer, None, ["steps=many"])
+    with pytest.raises(ConfigError, match="flag"):
+        load_config(Outer, None, ["flag=maybe"])
+
+
+def test_yaml_then_overrides_and_resolved_config_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"steps": 7, "inner": {"size": 32}}))
+    cfg = load_config(Outer, path, ["lr=0.5"])
+    assert (cfg.steps, cfg.inner.size, cfg.lr) == (7, 32, 0.5)
+    written = save_config(cfg, tmp_path / "run")
+    assert yaml.safe_load(written.read_text()) == {"steps": 7, "lr": 0.5, "flag": False, "tags": ["a"], "inner": {"name": "cnn", "size": 32}}
+
+
+def test_bad_yaml_key_names_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  colour: red\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*inner.colour"):
+        load_config(Outer, path)
