@@ -194,3 +194,13 @@ def _two_concepts(tmp_path):
     path = tmp_path / "two.txt"
     path.write_text("sneaker: trainer, shoe\ndress: gown\n")
     return path
+
+
+def test_llm_background_lists_are_parsed_and_need_an_llm(tmp_path):
+    from synrep.captions.backgrounds import parse_backgrounds
+
+    text = " a sunny beach\n2. A wooden boardwalk.\n- a sunny beach\n* 1234\n- a very long description of a place that goes on and on\n- poolside"
+    assert parse_backgrounds(text, 5) == ["a sunny beach", "a wooden boardwalk", "poolside"]
+    cfg = CaptionsConfig(out_dir=str(tmp_path / "bg"), per_concept=2, backgrounds="llm", dedup="text")
+    with pytest.raises(ValueError, match="needs a language-model backend"):
+        run_captions(cfg)

@@ -96,3 +96,12 @@ def save_bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[flo
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+NON_LOSS_METRICS = ("step", "lr", "grad_norm", "epoch", "img_per_s", "ema_momentum", "teacher_temp", "logit_scale")
+
+
+def save_metrics_curve(path: str | Path, metrics: list[dict], title: str) -> Path:
+    """Loss curve PNG from training metrics records (``step`` plus one series per loss term)."""
+    keys = [k for k in metrics[-1] if k not in NON_LOSS_METRICS]
+    return save_curve(path, {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys}, title=title)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .evaluation.stage import results_table
-from .plots import save_bar_chart, save_curve
+from .plots import save_bar_chart, save_metrics_curve
 from .utils import atomic_write_text, read_jsonl
 
 
@@ -52,15 +52,14 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = read_jsonl(root / "train" / "metrics.jsonl")
     encoder_meta = _load(root / "train" / "encoder" / "encoder.json")
     if metrics:
-        keys = [k for k in metrics[-1] if k not in ("step", "lr", "grad_norm", "epoch", "img_per_s", "ema_momentum", "teacher_temp", "logit_scale")]
-        save_curve(figures / "loss_curve.png", {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys},
-                   title="training loss")
-        speed = [m["img_per_s"] for m in metrics if "img_per_s" in m]
+        save_metrics_curve(figures / "loss_curve.png", metrics, "training loss")
+        speed = sorted(m["img_per_s"] for m in metrics if "img_per_s" in m)
         method = encoder_meta["method"] if encoder_meta else "?"
+        backbone = encoder_meta["backbone"]["name"] if encoder_meta else "?"
+        speed_text = f", ≈{speed[len(speed) // 2]:.0f} images/s" if speed else ""
         lines += ["## 3. Training", "",
-                  f"Method `{method}`, backbone `{encoder_meta['backbone']['name'] if encoder_meta else '?'}`, "
-                  f"{metrics[-1]['step']} steps, loss {metrics[0]['loss']:.3f} → {metrics[-1]['loss']:.3f}, "
-                  f"≈{sorted(speed)[len(speed) // 2]:.0f} images/s." if speed else "", "",
+                  f"Method `{method}`, backbone `{backbone}`, {metrics[-1]['step']} steps, "
+                  f"loss {metrics[0]['loss']:.3f} → {metrics[-1]['loss']:.3f}{speed_text}.", "",
                   "![training loss](figures/loss_curve.png)", ""]
 
     names, rows = [], []

@@ -85,21 +85,31 @@ class TransformersBackend:
             return self.tokenizer.apply_chat_template(build_chat(request), tokenize=False, add_generation_prompt=True)
         return build_prompt(request)
 
+    def render_instruction(self, text: str) -> str:
+        """A free-form instruction as this model expects it (chat template when it has one)."""
+        if self.use_chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return text
+
     @torch.no_grad()
-    def generate(self, requests: list[CaptionRequest]) -> list[str]:
+    def complete(self, prompts: list[str], seed: int) -> list[str]:
+        """Sampled continuations of already-rendered prompts, in batches of ``batch_size``."""
         out: list[str] = []
         s = self.settings
-        for start in range(0, len(requests), s.batch_size):
-            chunk = requests[start:start + s.batch_size]
-            prompts = [self._render(r) for r in chunk]
-            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.use_chat).to(self.device)
-            torch.manual_seed(stable_seed("llm", chunk[0].seed, chunk[0].attempt, len(chunk)) % 2**63)
+        for start in range(0, len(prompts), s.batch_size):
+            chunk = prompts[start:start + s.batch_size]
+            batch = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not self.use_chat).to(self.device)
+            torch.manual_seed(stable_seed("llm", seed, start, len(chunk)) % 2**63)
             generated = self.model.generate(**batch, do_sample=s.temperature > 0, temperature=max(s.temperature, 1e-5),
                                             top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                             pad_token_id=self.tokenizer.pad_token_id)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            out.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            out.extend(self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
         return out
+
+    def generate(self, requests: list[CaptionRequest]) -> list[str]:
+        if not requests:
+            return []
+        return self.complete([self._render(r) for r in requests], stable_seed(requests[0].seed, requests[0].attempt))
 
     def close(self) -> None:
         self.model = None
@@ -137,13 +147,15 @@ class OpenAIBackend:
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             return json.loads(resp.read().decode("utf-8"))
 
-    def _one(self, request: CaptionRequest) -> tuple[str, str]:
-        """``(text, status)`` with status ``ok``, ``rejected`` or ``unreachable``."""
+    def _one(self, job: tuple[str, int, list[str] | None]) -> tuple[str, str]:
+        """``(text, status)`` for one ``(prompt, seed, stop)``; status ``ok``, ``rejected`` or ``unreachable``."""
+        prompt, seed, stop = job
         s = self.settings
-        payload = {"model": self.model, "prompt": build_prompt(request), "max_tokens": s.max_new_tokens,
-                   "temperature": s.temperature, "top_p": s.top_p, "stop": ["\n"],
-                   "seed": int(stable_seed("llm", request.seed, request.attempt) % 2**31)}
-        rng = random.Random(request.seed)
+        payload = {"model": self.model, "prompt": prompt, "max_tokens": s.max_new_tokens,
+                   "temperature": s.temperature, "top_p": s.top_p, "seed": int(seed % 2**31)}
+        if stop:
+            payload["stop"] = stop
+        rng = random.Random(seed)
         last, refused = "", False
         for attempt in range(self.retries + 1):
             try:
@@ -169,9 +181,19 @@ class OpenAIBackend:
         LOG.debug("request failed after %d attempts: %s", self.retries + 1, last)
         return "", "unreachable" if refused else "rejected"
 
+    def render_instruction(self, text: str) -> str:
+        return text
+
+    def complete(self, prompts: list[str], seed: int, stop: list[str] | None = None) -> list[str]:
+        jobs = [(p, stable_seed("llm", seed, i), stop) for i, p in enumerate(prompts)]
+        return self._run(jobs)
+
     def generate(self, requests: list[CaptionRequest]) -> list[str]:
+        return self._run([(build_prompt(r), stable_seed("llm", r.seed, r.attempt), ["\n"]) for r in requests])
+
+    def _run(self, jobs: list) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(self._one, requests))
+            results = list(pool.map(self._one, jobs))
         if results and all(status == "unreachable" for _, status in results):
             raise BackendError(f"server {self.url} cannot be reached ({self.last_error}); is it running?")
         return [text for text, _ in results]

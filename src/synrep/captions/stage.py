@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from ..config import save_config
 from ..distributed import barrier, env_dist_info
 from ..utils import atomic_write_json, atomic_write_text, set_threads
+from .backgrounds import llm_backgrounds
 from .cleaning import clean_caption, distinct_word_ratio, near_duplicate_mask, normalise
 from .concepts import ConceptList, generic_backgrounds, load_backgrounds, load_concepts
 from .llm_backends import SamplingSettings, make_backend
@@ -42,7 +44,8 @@ class CaptionsConfig:
     mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # c, c+bg, c+rel
     num_examples: int = 3
     examples_file: str = ""
-    backgrounds: str = ""
+    backgrounds: str = ""  # "" (list's own + generic), a YAML mapping file, or "llm" (the backend writes them)
+    backgrounds_per_concept: int = 8
     max_retries: int = 3
     min_words: int = 3
     max_words: int = 30
@@ -144,6 +147,14 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
     return kept, stats
 
 
+def _make_backend(cfg: CaptionsConfig):
+    settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+    if cfg.backend.startswith("openai:"):
+        return make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency,
+                            timeout_s=cfg.timeout_s, retries=cfg.max_retries, api_key_env=cfg.api_key_env)
+    return make_backend(cfg.backend, settings)
+
+
 def run_captions(cfg: CaptionsConfig) -> Path:
     """Write ``out_dir/captions.jsonl`` and ``out_dir/summary.json``; returns the captions path."""
     validate(cfg)
@@ -153,11 +164,20 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     concepts = load_concepts(cfg.concepts)
-    backgrounds = dict(concepts.backgrounds)
-    if cfg.backgrounds:
-        backgrounds.update(load_backgrounds(cfg.backgrounds))
     if info.is_main:
         save_config(cfg, out)
+    backend = None
+    backgrounds = dict(concepts.backgrounds)
+    if cfg.backgrounds == "llm":
+        written = out / "backgrounds.yaml"
+        if not written.exists() and info.is_main:
+            backend = _make_backend(cfg)
+            mapping = llm_backgrounds(backend, concepts, cfg.backgrounds_per_concept, cfg.seed, generic_backgrounds())
+            atomic_write_text(written, yaml.safe_dump(mapping, sort_keys=False))
+        barrier()
+        backgrounds.update(load_backgrounds(written))
+    elif cfg.backgrounds:
+        backgrounds.update(load_backgrounds(cfg.backgrounds))
     mine = [i for i in range(len(concepts.concepts)) if i % info.world_size == info.rank]
     todo = [i for i in mine if not (parts / f"concept-{i:05d}.json").exists()]
     if len(todo) < len(mine):
@@ -165,10 +185,7 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     start = time.time()
     made = 0
     if todo:
-        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-        backend = make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency,
-                               timeout_s=cfg.timeout_s, retries=cfg.max_retries, api_key_env=cfg.api_key_env) \
-            if cfg.backend.startswith("openai:") else make_backend(cfg.backend, settings)
+        backend = backend or _make_backend(cfg)
         pools = load_example_pools(cfg.examples_file or None) if cfg.backend != "template" else None
         deduper = _Deduper(cfg.dedup, cfg.near_dup_threshold)
         with tqdm(total=len(todo), desc=f"captions ({cfg.backend})", unit="concept", disable=not info.is_main,

@@ -131,6 +131,7 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
     labels = torch.from_numpy(data.labels)
 
     captions = class_captions(cfg.concepts, data.class_names, cfg.captions_per_class, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the UNet's initial weights depend on the seed only
     generator = EmbeddedGenerator(cfg.model)
     flat = [c for per in captions for c in per]
     tokens, pooled = generator.encode_text(flat + [""])
@@ -138,7 +139,6 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
     tokens, pooled = tokens[:-1].view(len(captions), cfg.captions_per_class, *tokens.shape[1:]), pooled[:-1].view(len(captions), cfg.captions_per_class, -1)
     (out / "train_captions.txt").write_text("\n".join(flat) + "\n")
 
-    torch.manual_seed(cfg.seed)
     unet = generator.unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import config_to_dict, save_config
 from ..distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from ..plots import save_curve
+from ..plots import save_metrics_curve
 from ..sampler import MultiPositiveBatchSampler
 from ..utils import append_jsonl, atomic_torch_save, read_jsonl, set_threads, stable_seed
 from .augment import AugmentConfig
@@ -231,9 +231,7 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, data: GroupData, out: Path,
     """Export the encoder with a model card, and draw the loss curve."""
     metrics = read_jsonl(out / METRICS)
     if metrics:
-        keys = [k for k in metrics[-1] if k not in ("step", "lr", "grad_norm", "epoch", "img_per_s", "ema_momentum", "teacher_temp", "logit_scale")]
-        save_curve(out / "loss_curve.png", {k: ([m["step"] for m in metrics], [m[k] for m in metrics]) for k in keys},
-                   title=f"{cfg.method} training loss")
+        save_metrics_curve(out / "loss_curve.png", metrics, f"{cfg.method} training loss")
     speed = [m["img_per_s"] for m in metrics if "img_per_s" in m]
     info = {"method": cfg.method, "data": cfg.data, "steps": cfg.steps, "seed": cfg.seed,
             "final_loss": metrics[-1]["loss"] if metrics else None, "train_config": config_to_dict(cfg)}

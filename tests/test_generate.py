@@ -1,0 +1,123 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synrep.generate.generators import GeneratorSpecError
+from synrep.generate.stage import GenerateConfig, regenerate_image, run_generate
+from synrep.shards import list_shards, load_groups, read_shard
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from synrep.generate.tiny_pipeline import build_tiny_sd_pipeline
+
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("shard-*"))}
+
+
+def test_diffusers_folder_end_to_end_and_single_image_regeneration(tiny_sd, captions_file, tmp_path):
+    cfg = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "sd"), generator=f"diffusers:{tiny_sd}",
+                         limit_captions=5, images_per_caption=2, steps=3, store_size=32, captions_per_shard=3,
+                         batch_captions=2, scheduler="dpm", negative_prompt="blurry")
+    run_generate(cfg)
+    index = json.loads((tmp_path / "sd" / "index.json").read_text())
+    assert index["num_groups"] == 5 and index["num_images"] == 10 and index["num_shards"] == 2
+    assert index["image_shape"] == [32, 32, 3] and (tmp_path / "sd" / "preview.png").exists()
+    sample = read_shard(list_shards(tmp_path / "sd")[1])[0]
+    meta = sample.meta
+    assert meta["generator"] == f"diffusers:{tiny_sd}" and meta["scheduler"] == "dpm" and len(meta["image_seeds"]) == 2
+    assert meta["caption_id"] == 3 and meta["concept"] and meta["guidance_scale"] == 2.5
+    assert not np.array_equal(sample.images[0], sample.images[1]), "each image has its own seed"
+    alone = regenerate_image(cfg, meta["caption"], meta["caption_id"], 1)
+    assert np.abs(alone.astype(int) - sample.images[1].astype(int)).max() <= 1
+
+
+def test_latent_views_are_closer_to_their_anchor(random_generator_dir, captions_file, tmp_path):
+    def spread(views, sigma=0.3):
+        out = tmp_path / views
+        run_generate(GenerateConfig(captions=str(captions_file), out_dir=str(out), generator=f"embedded:{random_generator_dir}",
+                                    limit_captions=6, steps=3, views=views, sigma=sigma, preview=False))
+        groups = load_groups(out)
+        d = []
+        for g in range(len(groups)):
+            x = groups.images[groups.offsets[g]:groups.offsets[g + 1]].reshape(4, -1).astype(float)
+            d.append(np.mean([np.abs(x[i] - x[j]).mean() for i in range(4) for j in range(i + 1, 4)]))
+        return np.mean(d), groups.metas[0]
+
+    latent, meta = spread("latent")
+    independent, _ = spread("independent")
+    assert latent < 0.8 * independent
+    assert meta["views"] == "latent" and meta["sigma"] == 0.3 and "anchor_seed" in meta
+
+
+def test_bad_inputs_are_clear_and_leave_outputs_intact(random_generator_dir, captions_file, tmp_path):
+    gen = f"embedded:{random_generator_dir}"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "a coat"}\n\n{"caption": 3}\n')
+    with pytest.raises(ValueError, match="line 3"):
+        run_generate(GenerateConfig(captions=str(bad), out_dir=str(tmp_path / "x"), generator=gen))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_generate(GenerateConfig(captions=str(tmp_path / "none.jsonl"), out_dir=str(tmp_path / "x"), generator=gen))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run_generate(GenerateConfig(captions=str(tmp_path / "empty.jsonl"), out_dir=str(tmp_path / "x"), generator=gen))
+    for kwargs, message in [({"generator": "dalle"}, "unknown generator"), ({"generator": f"diffusers:{tmp_path}"}, "not a diffusers pipeline"),
+                            ({"images_per_caption": 0}, "images_per_caption"), ({"guidance_scale": -1}, "guidance_scale"),
+                            ({"height": 30}, "28x28"), ({"views": "latent", "sigma": 0}, "sigma")]:
+        with pytest.raises((ValueError, GeneratorSpecError), match=message):
+            run_generate(GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "x"), **{"generator": gen, **kwargs}))
+    good = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "good"), generator=gen, limit_captions=4, steps=2, preview=False)
+    run_generate(good)
+    before = _digests(tmp_path / "good")
+    with pytest.raises(ValueError, match="different settings"):
+        run_generate(GenerateConfig(**{**good.__dict__, "guidance_scale": 7.0}))
+    assert _digests(tmp_path / "good") == before
+
+
+def _cli(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "synrep.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_equals_uninterrupted_byte_for_byte(random_generator_dir, captions_file, tmp_path):
+    common = [f"captions={captions_file}", f"generator=embedded:{random_generator_dir}", "steps=4", "captions_per_shard=4",
+              "batch_captions=2", "preview=false", "num_threads=1"]
+    assert _cli(["generate", f"out_dir={tmp_path / 'ref'}", *common]).wait() == 0
+    killed = tmp_path / "killed"
+    proc = _cli(["generate", f"out_dir={killed}", *common])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("shard-*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.glob("shard-*.json")))
+    assert 0 < done_before < 10, "the kill landed mid-run"
+    assert [p.name for p in list_shards(killed)] == sorted(p.name for p in killed.glob("shard-*.tar"))
+    assert _cli(["generate", f"out_dir={killed}", *common]).wait() == 0
+    assert _digests(killed) == _digests(tmp_path / "ref")
+    assert not list(killed.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_equals_one_rank(random_generator_dir, captions_file, tmp_path):
+    common = [f"captions={captions_file}", f"generator=embedded:{random_generator_dir}", "steps=3", "captions_per_shard=5",
+              "preview=false", "num_threads=1"]
+    assert _cli(["generate", f"out_dir={tmp_path / 'one'}", *common]).wait() == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "synrep.cli"]
+    result = subprocess.run([*torchrun, "generate", f"out_dir={tmp_path / 'two'}", *common], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "index.json").read_text())["num_groups"] == 40

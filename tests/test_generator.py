@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synrep.config import load_config
+from synrep.generator.model import EmbeddedGenerator, EmbeddedModelConfig, GeneratorError, load_embedded_generator, shipped_generator_dir
+from synrep.generator.train import GeneratorTrainConfig, train_generator
+
+
+def test_builds_from_config_and_samples_shape_dtype_range(random_generator_dir):
+    gen = load_embedded_generator(random_generator_dir)
+    noise = torch.randn(3, 1, 28, 28)
+    images = gen.sample(["a photo of a coat", "a sandal", "a bag"], noise, guidance_scale=2.0, steps=3)
+    assert images.shape == (3, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    again = gen.sample(["a photo of a coat", "a sandal", "a bag"], noise, guidance_scale=2.0, steps=3)
+    assert torch.equal(images, again), "DDIM with eta=0 is deterministic given the noise"
+
+
+def test_not_a_generator_folder(tmp_path):
+    with pytest.raises(GeneratorError, match="not a synrep embedded generator"):
+        load_embedded_generator(tmp_path)
+
+
+def test_training_lowers_loss_and_resumes(tmp_path, fashion_mnist_available):
+    if not fashion_mnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    small = ["model.block_out_channels=[8,16,16]", "model.attention_head_dim=4", "model.norm_num_groups=4",
+             "limit_images=512", "batch_size=32", "captions_per_class=4", "checkpoint_every=15", "lr=3e-3", "warmup_steps=5"]
+    cfg = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'a'}", "steps=30", *small])
+    folder = train_generator(cfg)
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    losses = state["losses"]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "steps | 30" in card and "sha256" in card and (folder / "loss_curve.png").exists()
+    # Resume: a run stopped at 15 and continued equals the uninterrupted run.
+    part = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'b'}", "steps=15", *small])
+    train_generator(part)
+    part.steps = 30
+    train_generator(part)
+    resumed = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["losses"]
+    assert resumed == pytest.approx(losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_shipped_weights_load_offline_and_draw_recognisable_images(fashion_mnist_available):
+    if not (shipped_generator_dir() / "synrep_generator.json").exists():
+        pytest.fail("the shipped generator weights are missing from the package")
+    if not fashion_mnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    from torch import nn
+
+    from synrep.datasets import load_fashion_mnist
+    from synrep.training.backbones import SmallCNN
+
+    size = sum(p.stat().st_size for p in shipped_generator_dir().rglob("*") if p.is_file())
+    assert size < 25 * 2**20
+    gen = load_embedded_generator()
+    # A quick real-train classifier (one pass over 20k images) labels generated images.
+    train = load_fashion_mnist("train")
+    x = torch.from_numpy(train.images[:20000]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    y = torch.from_numpy(train.labels[:20000])
+    torch.manual_seed(0)
+    clf = nn.Sequential(SmallCNN(1, 16), nn.Linear(128, 10))
+    opt = torch.optim.Adam(clf.parameters(), 3e-3)
+    for i in range(0, 20000, 128):
+        loss = nn.functional.cross_entropy(clf(x[i:i + 128]), y[i:i + 128])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    names = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+    captions = [f"a photo of a {n}" for n in names for _ in range(4)]
+    labels = np.repeat(np.arange(10), 4)
+    images = gen.sample(captions, torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0)), 2.5, 10)
+    with torch.no_grad():
+        accuracy = (clf.eval()(images * 2 - 1).argmax(1).numpy() == labels).mean()
+    assert accuracy > 0.5, f"fidelity {accuracy:.2f} is not far above chance (0.10)"

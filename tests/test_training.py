@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synrep.config import load_config
+from synrep.training.augment import AugmentConfig, augment, multi_crop
+from synrep.training.backbones import BackboneConfig, build_backbone
+from synrep.training.export import EncoderError, load_encoder
+from synrep.training.loop import TrainConfig, TrainingError, lr_at, train
+from synrep.training.methods import MethodConfig, SynCLRMethod
+
+FAST = ["steps=12", "groups_per_batch=8", "images_per_group=4", "log_every=1", "warmup_steps=2", "base_lr=3e-3",
+        "checkpoint_every=100", "augment.crop_scale_min=0.8", "augment.jitter_p=0", "augment.blur_p=0"]
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("simclr", []), ("supcon", []), ("stablerep", []), ("stablerep+", []), ("supervised", []),
+    ("synclr", ["backbone.name=vit-micro", "backbone.embed_dim=32", "backbone.depth=2", "loss.num_prototypes=64",
+                "augment.local_crops=2", "augment.local_size=12"]),
+])
+def test_each_method_lowers_its_loss_and_exports(method, extra, shard_dir, tmp_path):
+    out = tmp_path / method
+    cfg = load_config(TrainConfig, None, [f"method={method}", f"data={shard_dir}", f"out_dir={out}", *FAST, *extra])
+    encoder = train(cfg)
+    losses = _losses(out)
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), f"{method} did not lower its loss: {losses}"
+    backbone, meta = load_encoder(encoder)
+    assert meta["method"] == method and backbone(torch.zeros(2, 1, 28, 28)).shape == (2, meta["feature_dim"])
+    assert (out / "loss_curve.png").exists() and (encoder / "MODEL_CARD.md").exists()
+
+
+def test_resume_gives_the_same_next_loss(shard_dir, tmp_path):
+    base = [f"data={shard_dir}", "method=stablerep", *FAST, "steps=6"]
+    full = load_config(TrainConfig, None, [*base, f"out_dir={tmp_path / 'full'}"])
+    train(full)
+    part = load_config(TrainConfig, None, [*base, f"out_dir={tmp_path / 'part'}", "stop_after=3"])
+    train(part)
+    assert len(_losses(tmp_path / "part")) == 3
+    part.stop_after = 0
+    train(part)
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert len(b) == 6
+    assert b[3] == pytest.approx(a[3], rel=1e-6, abs=1e-7), "step k+1 after resume equals the uninterrupted run"
+    assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_ema_teacher_follows_its_schedule():
+    cfg = MethodConfig(ema_start=0.9, ema_end=1.0, num_prototypes=16, proj_hidden=32, proj_dim=8, teacher_temp_warmup_steps=10)
+    method = SynCLRMethod(BackboneConfig(name="vit-micro", embed_dim=16, depth=1, num_heads=2), cfg, AugmentConfig(), total_steps=100)
+    assert method.momentum(0) == pytest.approx(0.9) and method.momentum(100) == pytest.approx(1.0)
+    assert method.momentum(50) == pytest.approx(0.95)
+    assert method.teacher_temperature(0) == pytest.approx(0.04) and method.teacher_temperature(10) == pytest.approx(0.07)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in method.teacher_backbone.parameters()]
+    m = method.update_teacher(0)
+    for b, t, s in zip(before, method.teacher_backbone.parameters(), method.backbone.parameters()):
+        assert torch.allclose(t, m * b + (1 - m) * s)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.0)
+    assert lr_at(0, 1.0, cfg) == pytest.approx(0.1) and lr_at(9, 1.0, cfg) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, cfg) == pytest.approx(0.5) and lr_at(100, 1.0, cfg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_nan_guard_stops_with_a_clear_message(shard_dir, tmp_path):
+    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path}", *FAST, "loss.temperature=0"])
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train(cfg)
+
+
+def test_augmentations_are_seeded_and_keep_shape():
+    x = torch.rand(4, 3, 16, 16)
+    cfg = AugmentConfig(blur_p=1.0, downsample_p=0.5)
+    a = augment(x, torch.Generator().manual_seed(1), cfg)
+    b = augment(x, torch.Generator().manual_seed(1), cfg)
+    c = augment(x, torch.Generator().manual_seed(2), cfg)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c) and a.min() >= 0 and a.max() <= 1
+    g, local = multi_crop(torch.rand(2, 1, 28, 28), torch.Generator().manual_seed(0), AugmentConfig(local_crops=3, local_size=12))
+    assert g.shape == (2, 1, 28, 28) and [t.shape for t in local] == [(2, 1, 12, 12)] * 3
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "vit-micro"])
+def test_backbones_build_and_vit_exposes_tokens(name):
+    net = build_backbone(BackboneConfig(name=name, image_size=28, in_channels=1, patch_size=7))
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, net.feature_dim)
+    if name.startswith("vit"):
+        cls, patches = net.forward_tokens(torch.zeros(2, 1, 28, 28), torch.ones(2, 16, dtype=torch.bool))
+        assert cls.shape == (2, 128) and patches.shape == (2, 16, 128)
+
+
+def test_load_encoder_refuses_non_exports(tmp_path):
+    with pytest.raises(EncoderError, match="not a synrep encoder"):
+        load_encoder(tmp_path)
+    (tmp_path / "encoder.json").write_text(json.dumps({"type": "something-else", "backbone": {}}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(EncoderError):
+        load_encoder(tmp_path)
