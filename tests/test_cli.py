@@ -16,9 +16,10 @@ def test_help_lists_every_stage(capsys):
         assert command in out
 
 
-def test_bad_override_is_a_clear_error_with_exit_code_2(caplog):
+def test_bad_override_is_a_clear_error_with_exit_code_2(capsys):
     assert main(["train", "stepz=3"]) == 2
-    assert "unknown config key 'stepz'" in caplog.text and "steps" in caplog.text
+    err = capsys.readouterr().err
+    assert "unknown config key 'stepz'" in err and "steps" in err
 
 
 def test_show_config_prints_resolved_values(capsys):
@@ -27,9 +28,9 @@ def test_show_config_prints_resolved_values(capsys):
     assert "steps: 7" in out and "out_dir: runs/quick" in out
 
 
-def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, caplog):
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "not a synrep run folder" in caplog.text
+    assert "not a synrep run folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -121,3 +121,29 @@ def test_two_rank_torchrun_equals_one_rank(random_generator_dir, captions_file, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "index.json").read_text())["num_groups"] == 40
+
+
+def test_a_failing_batch_fails_only_its_shard_and_a_rerun_completes(random_generator_dir, captions_file, tmp_path, monkeypatch):
+    from synrep.generate import generators
+
+    cfg = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "run"), generator=f"embedded:{random_generator_dir}",
+                         limit_captions=12, captions_per_shard=4, batch_captions=2, steps=2, preview=False)
+    real_draw = generators.EmbeddedT2I.draw
+    calls = {"n": 0}
+
+    def flaky(self, captions, noise, settings):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first batch of the second shard
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_draw(self, captions, noise, settings)
+
+    monkeypatch.setattr(generators.EmbeddedT2I, "draw", flaky)
+    with pytest.raises(RuntimeError, match="1 shard\\(s\\) failed: shard-00001.tar"):
+        run_generate(cfg)
+    assert [p.name for p in list_shards(tmp_path / "run")] == ["shard-00000.tar", "shard-00002.tar"]
+    assert not list((tmp_path / "run").glob(".*tmp"))
+    monkeypatch.setattr(generators.EmbeddedT2I, "draw", real_draw)
+    run_generate(cfg)
+    reference = GenerateConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "ref")})
+    run_generate(reference)
+    assert _digests(tmp_path / "run") == _digests(tmp_path / "ref")

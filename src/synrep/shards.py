@@ -140,15 +140,21 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._tar.close()
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            try:
+                self._tar.close()
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()
+            if exc_type is not None:
+                return
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)  # e.g. disk full while closing: never leave a partial file
+            raise
         finally:
-            self._fh.close()
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        os.replace(self.tmp, self.path)
+            if exc_type is not None:
+                self.tmp.unlink(missing_ok=True)
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         atomic_write_json(marker_path(self.path), {"shard": self.path.name, "samples": self.samples, "images": self.images,
                                                     "bytes": self.path.stat().st_size, "sha256": digest, **self.extra_stats})

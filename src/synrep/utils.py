@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,25 @@ import torch
 LOG = logging.getLogger("synrep")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (so redirections and test capture see the messages)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     """stdlib logging to stderr on rank 0 only (other ranks log warnings and errors)."""
     root = logging.getLogger("synrep")
     if root.handlers:
         root.setLevel(level if rank == 0 else logging.WARNING)
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)
