@@ -38,7 +38,7 @@ class FidelityConfig:
     out_dir: str = "runs/fidelity"
     dataset: str = "fashion-mnist"
     concepts: str = "fashion-mnist"
-    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.5, 3.0, 5.0, 8.0])
     captions_per_class: int = 4
     seeds_per_caption: int = 8
     steps: int = 10
