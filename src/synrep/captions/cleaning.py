@@ -8,6 +8,11 @@ import numpy as np
 
 _LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022>]+|\(?\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(?:caption|output|answer|assistant|response)\s*[:\-]\s*", re.IGNORECASE)
+# Chatty preambles small instruction models put before the caption ("The caption for X is: ...").
+_PREAMBLE = re.compile(r"^\s*(?:here(?:'s| is) (?:a |the |your )?(?:caption|description)[^:]*:|"
+                       r"(?:the |a |my )?(?:image )?(?:caption|sentence|description)(?: for [^:]{0,60})? (?:is|would be|reads)\s*:?|"
+                       r"sure[,!.]?(?: here[^:]*:)?)\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]])[.!?](?:\s|$)")
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
 _SPACES = re.compile(r"\s+")
 
@@ -40,9 +45,15 @@ def clean_caption(raw: str, mentions: list[str], min_words: int = 3, max_words: 
     if prompt_input and text.strip().lower().startswith(prompt_input.lower()):
         text = text.strip()[len(prompt_input):]
     for _ in range(3):
+        text = _PREAMBLE.sub("", text)
         text = _LABEL.sub("", text)
         text = _LIST_MARKER.sub("", text)
         text = text.strip().strip(_QUOTES).strip()
+    if prompt_input and normalise(text) == normalise(prompt_input):
+        return None, "prompt echo"
+    end = _SENTENCE_END.search(text)
+    if end:  # one sentence per caption
+        text = text[: end.start() + 1]
     text = _SPACES.sub(" ", text).strip(" ,;:-")
     if not text:
         return None, "empty"

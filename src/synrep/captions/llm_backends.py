@@ -100,9 +100,10 @@ class TransformersBackend:
             chunk = prompts[start:start + s.batch_size]
             batch = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not self.use_chat).to(self.device)
             torch.manual_seed(stable_seed("llm", seed, start, len(chunk)) % 2**63)
+            stop = {} if self.use_chat else {"stop_strings": ["\n"], "tokenizer": self.tokenizer}
             generated = self.model.generate(**batch, do_sample=s.temperature > 0, temperature=max(s.temperature, 1e-5),
                                             top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                                            pad_token_id=self.tokenizer.pad_token_id)
+                                            pad_token_id=self.tokenizer.pad_token_id, **stop)
             out.extend(self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
         return out
 
@@ -202,7 +203,13 @@ class OpenAIBackend:
         pass
 
 
-def make_backend(spec: str, settings: SamplingSettings, **openai_kwargs):
+def _chat(chat: str) -> bool | None:
+    if chat not in ("auto", "yes", "no"):
+        raise BackendError(f"chat={chat!r} is not allowed; choose auto (chat template when the model has one), yes or no")
+    return None if chat == "auto" else chat == "yes"
+
+
+def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", **openai_kwargs):
     """``template``, ``smollm2``, ``hf:<path-or-id>`` or ``openai:<base-url>``."""
     from .template_backend import TemplateBackend
 
@@ -210,9 +217,9 @@ def make_backend(spec: str, settings: SamplingSettings, **openai_kwargs):
         return TemplateBackend()
     if spec == "smollm2":
         gguf = smollm2_gguf()
-        return TransformersBackend(str(gguf.parent), settings, gguf_file=gguf.name, name="smollm2")
+        return TransformersBackend(str(gguf.parent), settings, gguf_file=gguf.name, name="smollm2", use_chat=_chat(chat))
     if spec.startswith("hf:"):
-        return TransformersBackend(spec[3:], settings)
+        return TransformersBackend(spec[3:], settings, use_chat=_chat(chat))
     if spec.startswith("openai:"):
         return OpenAIBackend(spec[len("openai:"):], settings, **openai_kwargs)
     raise BackendError(f"unknown caption backend {spec!r}; choose template, smollm2, hf:<path-or-id> or openai:<base-url>")

@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from ..config import save_config
-from ..distributed import barrier, env_dist_info
+from ..distributed import barrier, init_distributed
 from ..utils import atomic_write_json, atomic_write_text, set_threads
 from .backgrounds import llm_backgrounds
 from .cleaning import clean_caption, distinct_word_ratio, near_duplicate_mask, normalise
@@ -54,6 +54,7 @@ class CaptionsConfig:
     temperature: float = 0.8
     top_p: float = 0.9
     max_new_tokens: int = 40
+    chat: str = "no"  # LLM prompt style: no = few-shot completion (SynCLR's), yes = chat template, auto = chat if the model has one
     batch_size: int = 16
     concurrency: int = 8
     timeout_s: float = 30.0
@@ -121,20 +122,23 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
         requests = plan_requests(concepts, concept, need, cfg.seed, mix, bgs, pools, cfg.num_examples, start=next_index)
         next_index += need
         results = []
-        for req, raw in zip(requests, backend.generate(requests)):
-            caption, reason = clean_caption(raw, concept.mentions, cfg.min_words, cfg.max_words, prompt_input(req))
-            while caption is None and req.attempt < cfg.max_retries:
-                reasons[reason] += 1
-                req.attempt += 1
-                raw = backend.generate([req])[0]
+        pending = requests
+        while pending:  # first attempts batched, then every retry round batched too
+            retry = []
+            for req, raw in zip(pending, backend.generate(pending)):
                 caption, reason = clean_caption(raw, concept.mentions, cfg.min_words, cfg.max_words, prompt_input(req))
-            if caption is None:
+                if caption is not None:
+                    results.append({"caption": caption, "concept": concept.name, "template": req.template,
+                                    "background": req.background, "relation": req.relation, "backend": backend.name,
+                                    "seed": req.seed, "attempt": req.attempt})
+                    continue
                 reasons[reason] += 1
-                rejected += 1
-                continue
-            results.append({"caption": caption, "concept": concept.name, "template": req.template,
-                            "background": req.background, "relation": req.relation, "backend": backend.name,
-                            "seed": req.seed, "attempt": req.attempt})
+                if req.attempt < cfg.max_retries:
+                    req.attempt += 1
+                    retry.append(req)
+                else:
+                    rejected += 1
+            pending = retry
         candidates = kept + results
         keep, removed = deduper.filter([r["caption"] for r in candidates])
         duplicates += removed
@@ -152,14 +156,14 @@ def _make_backend(cfg: CaptionsConfig):
     if cfg.backend.startswith("openai:"):
         return make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency,
                             timeout_s=cfg.timeout_s, retries=cfg.max_retries, api_key_env=cfg.api_key_env)
-    return make_backend(cfg.backend, settings)
+    return make_backend(cfg.backend, settings, chat=cfg.chat)
 
 
 def run_captions(cfg: CaptionsConfig) -> Path:
     """Write ``out_dir/captions.jsonl`` and ``out_dir/summary.json``; returns the captions path."""
     validate(cfg)
     set_threads(cfg.num_threads)
-    info = env_dist_info()
+    info = init_distributed()  # gloo, for the barrier before rank 0 merges/indexes (no-op in one process)
     out = Path(cfg.out_dir)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)

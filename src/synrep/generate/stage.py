@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..captions.stage import read_captions
 from ..config import config_to_dict, save_config
-from ..distributed import barrier, env_dist_info
+from ..distributed import barrier, init_distributed
 from ..plots import save_image_grid
 from ..shards import ShardWriter, list_shards, read_shard, shard_done, shard_name, write_index
 from ..utils import atomic_write_json, set_threads, stable_seed
@@ -159,7 +159,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     """Draw every caption's images into ``out_dir``; returns ``out_dir``. Raises if any shard failed."""
     validate(cfg)
     set_threads(cfg.num_threads)
-    info = env_dist_info()
+    info = init_distributed()  # gloo, for the barrier before rank 0 merges/indexes (no-op in one process)
     records = read_captions(cfg.captions)
     if cfg.limit_captions:
         records = records[:cfg.limit_captions]
