@@ -31,15 +31,15 @@ class RunConfig:
     out_dir: str = "runs/demo"
     baselines: list[str] = field(default_factory=lambda: ["pixels", "random"])
     num_threads: int = 0
-    captions: CaptionsConfig = field(default_factory=lambda: CaptionsConfig(per_concept=50))
+    captions: CaptionsConfig = field(default_factory=lambda: CaptionsConfig(per_concept=100))
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(images_per_caption=4))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, groups_per_batch=64, images_per_group=4))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=10000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, warmup_steps=50, groups_per_batch=64, images_per_group=4))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=20000))
 
 
 QUICK_OVERRIDES = [
     "out_dir=runs/quick", "captions.per_concept=16", "train.steps=60", "train.warmup_steps=10",
-    "train.groups_per_batch=32", "eval.probe_train_size=5000", "eval.protocols=[linear,knn]",
+    "train.groups_per_batch=32", "eval.probe_train_size=5000", "generate.captions_per_shard=40", "eval.protocols=[linear,knn]",
 ]
 
 
