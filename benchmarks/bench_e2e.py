@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -15,11 +14,14 @@ from common import report
 
 def main(full: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(prefix="synrep-bench-e2e-")) / "run"
-    cmd = [sys.executable, "-m", "synrep.cli", "run", *([] if full else ["--quick"]), f"out_dir={out}"]
+    # The child reports its own peak resident memory (ru_maxrss, KiB on Linux) when the run ends.
+    child = ("import resource, sys; from synrep.cli import main; rc = main(sys.argv[1:]); "
+             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    cmd = [sys.executable, "-c", child, "run", *([] if full else ["--quick"]), f"out_dir={out}"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mb = int(result.stdout.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 1024
     timings = json.loads((out / "timings.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     rows = [{"stage": k, "seconds": float(v)} for k, v in timings.items()] + [{"stage": "total (incl. start-up, report)", "seconds": wall}]

@@ -38,8 +38,9 @@ class RunConfig:
 
 
 QUICK_OVERRIDES = [
-    "out_dir=runs/quick", "captions.per_concept=16", "train.steps=60", "train.warmup_steps=10",
-    "train.groups_per_batch=32", "eval.probe_train_size=5000", "generate.captions_per_shard=40", "eval.protocols=[linear,knn]",
+    "out_dir=runs/quick", "captions.per_concept=50", "train.steps=400", "train.warmup_steps=20",
+    "eval.probe_train_size=5000", "eval.protocols=[linear,knn]",
+]",
 ]
 
 
