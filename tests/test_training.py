@@ -105,3 +105,28 @@ def test_load_encoder_refuses_non_exports(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
     with pytest.raises(EncoderError):
         load_encoder(tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_training_runs_and_exports(shard_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "synrep.cli", "train",
+           f"data={shard_dir}", f"out_dir={tmp_path}", "method=stablerep", "steps=4", "groups_per_batch=4", "log_every=1", "warmup_steps=1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4], "only rank 0 writes metrics"
+    backbone, meta = load_encoder(tmp_path / "encoder")
+    assert "global batch 32" in result.stderr and meta["method"] == "stablerep"
+
+
+def test_vit_conv_stem_keeps_the_token_grid():
+    net = build_backbone(BackboneConfig(name="vit-micro", image_size=28, patch_size=4, conv_stem=True))
+    cls, patches = net.forward_tokens(torch.zeros(2, 1, 28, 28))
+    assert patches.shape == (2, 49, 128) and cls.shape == (2, 128)
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_backbone(BackboneConfig(name="vit-micro", image_size=28, patch_size=7, conv_stem=True))

@@ -41,11 +41,12 @@ class StudyConfig:
     guidance_scale: float = 2.0
     guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])
     latent_sigma: float = 0.5
-    steps: int = 300
-    groups_per_batch: int = 32
+    steps: int = 500
+    groups_per_batch: int = 64
     images_per_group: int = 4
-    base_lr: float = 1e-3
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-micro", patch_size=4))
+    base_lr: float = 2e-3
+    warmup_steps: int = 50
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-micro", patch_size=7))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=10000, protocols=["linear", "knn"]))
     seed: int = 0
     num_threads: int = 0
@@ -111,6 +112,7 @@ def run_study(cfg: StudyConfig) -> Path:
             tcfg = TrainConfig(data=data, out_dir=str(folder / "train"), method=spec["method"], backbone=dataclasses.replace(cfg.backbone),
                                steps=cfg.steps, groups_per_batch=spec.get("groups_per_batch", cfg.groups_per_batch),
                                images_per_group=spec.get("images_per_group", cfg.images_per_group), base_lr=cfg.base_lr,
+                               warmup_steps=cfg.warmup_steps,
                                seed=cfg.seed, num_threads=cfg.num_threads, log_every=20)
             encoder = str(train(tcfg))
             train_seconds = time.time() - t0

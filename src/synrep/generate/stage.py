@@ -227,16 +227,20 @@ def run_generate(cfg: GenerateConfig) -> Path:
     return out
 
 
-def write_preview(folder: str | Path, captions: int = 8, path: str | Path | None = None) -> Path:
-    """PNG grid: rows = the first ``captions`` caption groups, columns = their images."""
+def write_preview(folder: str | Path, captions: int = 10, path: str | Path | None = None) -> Path:
+    """PNG grid: rows = up to ``captions`` caption groups, one per concept first, columns = their images."""
     folder = Path(folder)
-    rows, labels = [], []
+    picked, extra, seen = [], [], set()
     for shard in list_shards(folder):
         for sample in read_shard(shard):
-            rows.append(list(sample.images))
-            labels.append(sample.meta.get("caption", sample.key))
-            if len(rows) >= captions:
-                break
-        if len(rows) >= captions:
+            concept = sample.meta.get("concept", "")
+            if concept not in seen:
+                seen.add(concept)
+                picked.append(sample)
+            elif len(extra) < captions:
+                extra.append(sample)
+        if len(picked) >= captions:
             break
-    return save_image_grid(path or folder / "preview.png", rows, labels, title=f"{folder.name}: captions x images")
+    rows = (picked + extra)[:captions]
+    return save_image_grid(path or folder / "preview.png", [list(s.images) for s in rows],
+                           [s.meta.get("caption", s.key) for s in rows], title=f"{folder.name}: captions x images")

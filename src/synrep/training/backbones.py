@@ -33,7 +33,7 @@ class BackboneConfig:
     embed_dim: int = 0
     depth: int = 0
     num_heads: int = 0
-    drop_path: float = 0.0
+    conv_stem: bool = False  # ViT only: a convolutional stem instead of one big patchify conv (Xiao et al. 2021)
 
 
 class Attention(nn.Module):
@@ -65,16 +65,31 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def conv_patch_stem(in_channels: int, dim: int, patch_size: int) -> nn.Sequential:
+    """Stride-2 3x3 convs (BN, ReLU) down to ``patch_size``, then a 1x1 projection: ``[B, C, H, W] -> [B, dim, H/p, W/p]``.
+
+    Early convolutions give a small ViT the locality prior it cannot learn from a few thousand images.
+    """
+    if patch_size & (patch_size - 1):
+        raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
+    layers, cin, width = [], in_channels, max(16, dim // 4)
+    for _ in range(max(0, patch_size.bit_length() - 1)):
+        layers += [nn.Conv2d(cin, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        cin, width = width, min(dim, width * 2)
+    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1))
+
+
 class VisionTransformer(nn.Module):
     """ViT with a class token and learned position embeddings (interpolated for other input sizes)."""
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int, heads: int):
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int, heads: int,
+                 conv_stem: bool = False):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.grid = image_size // patch_size
-        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.patch_embed = conv_patch_stem(in_channels, dim, patch_size) if conv_stem else nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid ** 2, dim) * 0.02)
@@ -197,7 +212,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.name in VIT_SIZES:
         dim, depth, heads = VIT_SIZES[cfg.name]
         return VisionTransformer(cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.embed_dim or dim,
-                                 cfg.depth or depth, cfg.num_heads or heads)
+                                 cfg.depth or depth, cfg.num_heads or heads, cfg.conv_stem)
     if cfg.name.startswith("timm:"):
         return TimmBackbone(cfg.name[5:], cfg)
     raise ValueError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
