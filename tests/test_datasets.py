@@ -39,3 +39,12 @@ def test_missing_paths_say_how_to_fix(tmp_path):
         load_fashion_mnist("train", root=tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("cifar", "train")
+
+
+def test_image_folder_splits_are_required_for_a_split(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / split / "a" / "x.png")
+    assert load_dataset(f"imagefolder:{tmp_path}", "test").images.shape == (1, 4, 4, 1)
+    with pytest.raises(DatasetError, match="no 'test' subfolder"):
+        load_dataset(f"imagefolder:{tmp_path / 'train'}", "test")

@@ -138,10 +138,11 @@ def load_image_folder(root: str | Path, split: str | None = None) -> LabeledImag
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
-    if split is not None and (root / split).is_dir():
+    if split is not None:
+        if not (root / split).is_dir():
+            raise DatasetError(f"image folder {root} has no '{split}' subfolder: evaluation needs {root}/train/<class>/... "
+                               f"and {root}/test/<class>/... so that the test images are never used for fitting")
         root = root / split
-    elif split is not None and (root / "train").is_dir():
-        raise DatasetError(f"image folder {root} has no '{split}' subfolder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image files>)")

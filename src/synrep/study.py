@@ -35,6 +35,7 @@ ALL_ROWS = ["random-init", "raw-pixels", "simclr-real", "supervised-real", "simc
 @dataclass
 class StudyConfig:
     out_dir: str = "runs/study"
+    data_dir: str = ""  # captions + shards; "" = <out_dir>/data (point another study at it to reuse the images)
     rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))
     captions_per_concept: int = 100
     images_per_caption: int = 4
@@ -52,17 +53,21 @@ class StudyConfig:
     num_threads: int = 0
 
 
-def _shards(cfg: StudyConfig, root: Path, guidance: float, views: str = "independent") -> str:
+def _data_root(cfg: StudyConfig) -> Path:
+    return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
+
+
+def _shards(cfg: StudyConfig, guidance: float, views: str = "independent") -> str:
     name = f"shards_latent_g{guidance:g}" if views == "latent" else f"shards_g{guidance:g}"
-    folder = root / "data" / name
+    folder = _data_root(cfg) / name
     if not (folder / INDEX_FILE).exists():
-        run_generate(GenerateConfig(captions=str(root / "data" / "captions" / "captions.jsonl"), out_dir=str(folder),
+        run_generate(GenerateConfig(captions=str(_data_root(cfg) / "captions" / "captions.jsonl"), out_dir=str(folder),
                                     images_per_caption=cfg.images_per_caption, guidance_scale=guidance, views=views,
                                     sigma=cfg.latent_sigma, seed=cfg.seed, num_threads=cfg.num_threads))
     return str(folder)
 
 
-def _row_plan(cfg: StudyConfig, root: Path) -> list[tuple[str, dict]]:
+def _row_plan(cfg: StudyConfig) -> list[tuple[str, dict]]:
     """(row name, training overrides or a fixed baseline) in order."""
     batch = cfg.groups_per_batch * cfg.images_per_group
     plan = []
@@ -87,11 +92,11 @@ def run_study(cfg: StudyConfig) -> Path:
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
-    if not (root / "data" / "captions" / "summary.json").exists():
-        run_captions(CaptionsConfig(out_dir=str(root / "data" / "captions"), per_concept=cfg.captions_per_concept,
+    if not (_data_root(cfg) / "captions" / "summary.json").exists():
+        run_captions(CaptionsConfig(out_dir=str(_data_root(cfg) / "captions"), per_concept=cfg.captions_per_concept,
                                     seed=cfg.seed, num_threads=cfg.num_threads))
     results = {}
-    for name, spec in _row_plan(cfg, root):
+    for name, spec in _row_plan(cfg):
         folder = root / "rows" / name
         if (folder / "row.json").exists():
             results[name] = json.loads((folder / "row.json").read_text())
@@ -107,7 +112,7 @@ def run_study(cfg: StudyConfig) -> Path:
         else:
             data = spec["data"]
             if isinstance(data, tuple):
-                data = _shards(cfg, root, data[1], "latent" if data[0] == "latent" else "independent")
+                data = _shards(cfg, data[1], "latent" if data[0] == "latent" else "independent")
             t0 = time.time()
             tcfg = TrainConfig(data=data, out_dir=str(folder / "train"), method=spec["method"], backbone=dataclasses.replace(cfg.backbone),
                                steps=cfg.steps, groups_per_batch=spec.get("groups_per_batch", cfg.groups_per_batch),
