@@ -40,7 +40,6 @@ class RunConfig:
 QUICK_OVERRIDES = [
     "out_dir=runs/quick", "captions.per_concept=50", "train.steps=400", "train.warmup_steps=20",
     "eval.probe_train_size=5000", "eval.protocols=[linear,knn]",
-]",
 ]
 
 
