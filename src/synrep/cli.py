@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file")
         p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
         if name == "run":
-            p.add_argument("--quick", action="store_true", help="the ~2-minute profile (fewer captions, steps and probe images)")
+            p.add_argument("--quick", action="store_true", help="the ~3-minute profile (fewer captions, steps and probe images)")
         if name == "generate":
             p.add_argument("--preview", action="store_true", help="only write preview.png of an existing shard folder (out_dir)")
         if name in ("train", "generator"):
