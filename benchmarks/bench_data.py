@@ -43,14 +43,14 @@ def main(shards: str | None = None) -> dict:
         for epoch in range(5):
             sampler.set_epoch(epoch)
             for idx in sampler:
-                batch = make_batch(data, idx, gof, 0, "cpu")
+                batch = make_batch(data, idx, gof, "cpu")
                 augment(batch["images"], g, AugmentConfig())
                 n += len(idx)
         loader_img_s = n / (time.perf_counter() - start)
         torch.manual_seed(0)
         model = build_method("stablerep", BackboneConfig(), MethodConfig(), AugmentConfig(), 10, 100)
         opt = torch.optim.AdamW(model.parameters())
-        batch = make_batch(data, list(range(256)), gof, 0, "cpu")
+        batch = make_batch(data, list(range(256)), gof, "cpu")
         start = time.perf_counter()
         for step in range(5):
             loss = sum(model(batch, g, step).values())

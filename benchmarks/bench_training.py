@@ -36,7 +36,7 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n = cfg.groups_per_batch * cfg.images_per_group
     indices = [int(data.offsets[g]) + j for g in range(cfg.groups_per_batch) for j in range(cfg.images_per_group)]
-    batch = make_batch(data, indices, data.group_of_image(), 0, "cpu")
+    batch = make_batch(data, indices, data.group_of_image(), "cpu")
     g = torch.Generator().manual_seed(0)
     for step in range(steps + 2):
         if step == 2:

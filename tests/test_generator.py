@@ -1,11 +1,9 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from synrep.config import load_config
-from synrep.generator.model import EmbeddedGenerator, EmbeddedModelConfig, GeneratorError, load_embedded_generator, shipped_generator_dir
+from synrep.generator.model import GeneratorError, load_embedded_generator, shipped_generator_dir
 from synrep.generator.train import GeneratorTrainConfig, train_generator
 
 

@@ -59,14 +59,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{key}': {value!r} is not {_describe(tp)}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -159,7 +158,6 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
         key = key.strip().lstrip("-").replace("-", "_")
         parts = key.split(".")
         target = cfg
-        chain = [cfg]
         for i, part in enumerate(parts[:-1]):
             types_ = _field_types(type(target))
             if part not in types_:
@@ -170,7 +168,6 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
             child = dataclasses.replace(child)
             setattr(target, part, child)
             target = child
-            chain.append(child)
         types_ = _field_types(type(target))
         leaf = parts[-1]
         if leaf not in types_:

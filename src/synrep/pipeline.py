@@ -21,7 +21,7 @@ from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
 from .shards import INDEX_FILE
 from .training.loop import TrainConfig, train
-from .utils import atomic_write_json, read_jsonl
+from .utils import atomic_write_json
 
 LOG = logging.getLogger("synrep.run")
 
@@ -116,6 +116,3 @@ def run_pipeline(cfg: RunConfig) -> dict:
     atomic_write_json(root / "summary.json", summary)
     return summary
 
-
-def train_metrics(root: Path) -> list[dict]:
-    return read_jsonl(root / "train" / "metrics.jsonl")

@@ -139,6 +139,8 @@ class ShardWriter:
         self.images += len(images)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # The temporary file goes whenever the shard did not complete: an error while writing, or one while
+        # closing (e.g. disk full); it never becomes visible under the shard's name.
         try:
             try:
                 self._tar.close()
@@ -146,15 +148,12 @@ class ShardWriter:
                 os.fsync(self._fh.fileno())
             finally:
                 self._fh.close()
-            if exc_type is not None:
-                return
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)  # e.g. disk full while closing: never leave a partial file
-            raise
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
         finally:
-            if exc_type is not None:
-                self.tmp.unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)  # a no-op after a successful rename
+        if exc_type is not None:
+            return
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         atomic_write_json(marker_path(self.path), {"shard": self.path.name, "samples": self.samples, "images": self.images,
                                                     "bytes": self.path.stat().st_size, "sha256": digest, **self.extra_stats})

@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -265,6 +264,3 @@ def read_captions(path: str | Path) -> list[dict]:
         raise ValueError(f"captions file {path} is empty")
     return records
 
-
-def summary_counts(records: list[dict]) -> np.ndarray:
-    return np.array(list(Counter(r["concept"] for r in records).values()))

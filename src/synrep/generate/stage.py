@@ -207,14 +207,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise RuntimeError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
     if info.is_main:
         gen_name = generator.name if generator else cfg.generator
+        image_size = list(read_shard(list_shards(out)[0])[0].images.shape[1:])
         index = write_index(out, {"generator": gen_name, "images_per_caption": cfg.images_per_caption,
                                   "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "views": cfg.views,
-                                  "captions_file": str(cfg.captions), "image_format": cfg.image_format})
+                                  "captions_file": str(cfg.captions), "image_format": cfg.image_format,
+                                  "image_shape": image_size})
         idx = json.loads(index.read_text())
-        first = read_shard(list_shards(out)[0])
-        image_size = list(first[0].images.shape[1:])
-        idx["image_shape"] = image_size
-        atomic_write_json(index, idx)
         summary = {"captions": idx["num_groups"], "images": idx["num_images"], "shards": idx["num_shards"],
                    "generator": gen_name, "image_shape": image_size, "images_this_run": images_made,
                    "seconds_this_run": round(seconds, 2),

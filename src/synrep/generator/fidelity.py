@@ -117,7 +117,8 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
             with torch.no_grad():
                 pred = classifier(images * 2 - 1).argmax(1).numpy()
             per_class[c.name] = float((pred == c.label).mean() * 100)
-            uint8 = to_uint8(images).reshape(cfg.captions_per_class, cfg.seeds_per_caption, *to_uint8(images).shape[1:])
+            uint8 = to_uint8(images)
+            uint8 = uint8.reshape(cfg.captions_per_class, cfg.seeds_per_caption, *uint8.shape[1:])
             dists.extend(within_group_distance(g) for g in uint8)
             grid_rows.append(list(uint8[0]))
             grid_labels.append(captions[0])

@@ -62,7 +62,7 @@ def attach_text_embeddings(data: GroupData) -> None:
     data.text = pooled
 
 
-def make_batch(data: GroupData, indices: list[int], group_of_image: torch.Tensor, rank: int, device: str) -> dict:
+def make_batch(data: GroupData, indices: list[int], group_of_image: torch.Tensor, device: str) -> dict:
     """Flat image indices -> float images ``[B, C, H, W]`` in [0, 1] and int ids ``group``/``concept``/``image``."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     images = data.images[idx].permute(0, 3, 1, 2).float().div_(255.0)

@@ -171,7 +171,7 @@ def train(cfg: TrainConfig) -> Path:
             sampler.set_epoch(sampler.epoch + 1)
             iterator = iter(sampler)
             continue
-        batch = make_batch(data, indices, group_of_image, info.rank, device)
+        batch = make_batch(data, indices, group_of_image, device)
         generator = torch.Generator().manual_seed(stable_seed("augment", cfg.seed, step, info.rank) % 2**63)
         lr = lr_at(step, peak_lr, cfg)
         for group in optimizer.param_groups:
