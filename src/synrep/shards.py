@@ -117,6 +117,7 @@ class ShardWriter:
         self.samples = 0
         self.images = 0
         self.extra_stats = extra_stats or {}
+        self.concepts: dict[str, int] = {}
         self._fh = None
         self._tar = None
 
@@ -128,15 +129,20 @@ class ShardWriter:
 
     def add(self, key: str, images: Iterable[np.ndarray], meta: dict) -> None:
         """Add a caption group: ``images`` is a sequence of uint8 ``[H, W, C]`` arrays."""
+        self.add_encoded(key, [encode_image(img, self.image_format) for img in images], meta)
+
+    def add_encoded(self, key: str, images: list[bytes], meta: dict) -> None:
+        """Add a caption group whose images are already encoded in this writer's ``image_format``."""
         if "." in key:
             raise ShardError(f"sample key {key!r} must not contain '.'")
-        images = list(images)
         meta = {**meta, "key": key, "n_images": len(images), "image_format": self.image_format}
         _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        for i, img in enumerate(images):
-            _add_member(self._tar, f"{key}.{i}.{self.image_format}", encode_image(img, self.image_format))
+        for i, data in enumerate(images):
+            _add_member(self._tar, f"{key}.{i}.{self.image_format}", data)
         self.samples += 1
         self.images += len(images)
+        concept = str(meta.get("concept", ""))
+        self.concepts[concept] = self.concepts.get(concept, 0) + 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # The temporary file goes whenever the shard did not complete: an error while writing, or one while
@@ -156,7 +162,8 @@ class ShardWriter:
             return
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         atomic_write_json(marker_path(self.path), {"shard": self.path.name, "samples": self.samples, "images": self.images,
-                                                    "bytes": self.path.stat().st_size, "sha256": digest, **self.extra_stats})
+                                                    "bytes": self.path.stat().st_size, "sha256": digest, "concepts": self.concepts,
+                                                    **self.extra_stats})
 
 
 def shard_done(path: str | Path) -> bool:
@@ -319,8 +326,14 @@ def write_index(folder: str | Path, info: dict) -> Path:
         marker = marker_path(shard)
         if marker.exists():
             shards.append(json.loads(marker.read_text()))
+    concepts: dict[str, int] = {}
+    for s in shards:
+        for name, n in s.get("concepts", {}).items():
+            concepts[name] = concepts.get(name, 0) + n
+    # The concept list (sorted) fixes every concept's integer id for training, on every rank and worker.
     index = {"format": SHARD_FORMAT, **info, "num_shards": len(shards),
-             "num_groups": sum(s["samples"] for s in shards), "num_images": sum(s["images"] for s in shards), "shards": shards}
+             "num_groups": sum(s["samples"] for s in shards), "num_images": sum(s["images"] for s in shards),
+             "concepts": sorted(concepts), "concept_counts": {c: concepts[c] for c in sorted(concepts)}, "shards": shards}
     atomic_write_json(folder / INDEX_FILE, index)
     return folder / INDEX_FILE
 
@@ -330,3 +343,26 @@ def read_index(folder: str | Path) -> dict:
     if not path.exists():
         raise ShardError(f"{path} does not exist: the folder is not a finished synrep shard dataset")
     return json.loads(path.read_text())
+
+
+def write_random_shards(folder: str | Path, groups_per_shard: list[int], images_per_group: int = 4, size: int = 16,
+                        channels: int = 3, image_format: str = "jpg", concepts: int = 10, distinct: int = 64,
+                        seed: int = 0) -> Path:
+    """A finished shard folder of random-content caption groups, for tests and loader benchmarks.
+
+    Shard k holds ``groups_per_shard[k]`` groups; group g's concept is ``concept-{g % concepts}``. Only
+    ``distinct`` different images are encoded and their bytes reused, so a million images take seconds.
+    """
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    pool = [encode_image(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), image_format) for _ in range(distinct)]
+    g = 0
+    for k, count in enumerate(groups_per_shard):
+        with ShardWriter(folder / shard_name(k), image_format) as writer:
+            for _ in range(count):
+                images = [pool[(g * images_per_group + j) % distinct] for j in range(images_per_group)]
+                writer.add_encoded(f"{g:09d}", images, {"caption": f"caption {g}", "caption_id": g, "concept": f"concept-{g % concepts}"})
+                g += 1
+    write_index(folder, {"generator": "random", "images_per_caption": images_per_group, "image_format": image_format,
+                         "image_shape": [size, size, channels]})
+    return folder

@@ -135,8 +135,9 @@ def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig, size: int |
     return random_downsample(out, g, cfg.downsample_p)
 
 
-def multi_crop(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One global view ``[B, C, H, W]`` and ``cfg.local_crops`` local views ``[B, C, s, s]`` (SynCLR)."""
-    global_view = augment(x, g, cfg)
+def multi_crop(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig,
+               size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One global view ``[B, C, size, size]`` and ``cfg.local_crops`` local views ``[B, C, s, s]`` (SynCLR)."""
+    global_view = augment(x, g, cfg, size=size)
     local = [augment(x, g, cfg, size=cfg.local_size, scale=(cfg.local_scale_min, cfg.local_scale_max)) for _ in range(cfg.local_crops)]
     return global_view, local

@@ -1,74 +1,141 @@
-"""Training data: synthetic shard folders or real labelled datasets, as caption groups in memory.
+"""Training data: a source (synthetic shards or a real dataset) streamed as multi-positive batches.
 
-Both become a :class:`GroupData`: uint8 images ``[N, H, W, C]``, group offsets ``[G + 1]`` and per-group
-concept ids; a real dataset is N groups of one image each (label = concept). Batches are drawn by
-:class:`synrep.sampler.MultiPositiveBatchSampler` and turned into tensors by :func:`make_batch`.
+The source is opened with :func:`synrep.sources.open_training_source`; :func:`check_data` checks at start-up
+what can be checked before any model is built; :func:`make_batches` streams batches of G groups x k images
+through data-loader workers (:mod:`synrep.streaming`); :func:`to_device` moves a batch to the device and
+converts it to float there.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..datasets import load_dataset
-from ..shards import load_groups
+from ..sources import Source, SourceError, UnitTable, open_training_source
+from ..streaming import BatchSpec, GroupBatchStream, ShortGroups, batch_loader, steps_per_epoch
 
 LOG = logging.getLogger("synrep.train")
 
 
 @dataclass
-class GroupData:
-    images: torch.Tensor  # uint8 [N, H, W, C]
-    offsets: np.ndarray  # int64 [G + 1]
-    concept_ids: torch.Tensor  # int64 [G]
-    class_names: list[str]
-    captions: list[str] | None
-    source: str
-    text: torch.Tensor | None = None  # float [G, 384] caption embeddings (StableRep+ only)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.offsets) - 1
-
-    def group_of_image(self) -> torch.Tensor:
-        return torch.from_numpy(np.repeat(np.arange(self.num_groups), np.diff(self.offsets)))
+class LoaderConfig:
+    num_workers: int = 2  # data-loader processes per rank that read and decode (0 = in the training process)
+    shuffle_buffer: int = 1000  # caption groups each worker holds (encoded) for shuffling
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    load_size: int = 0  # px the workers resize (shorter side) + centre-crop to; 0 = backbone.image_size
+    allow_resize: bool = True  # false: stored images must already be load_size (an error otherwise)
+    real_split: str = "train"  # the split a real:<dataset> source trains on
 
 
-def load_train_data(source: str, limit_groups: int = 0) -> GroupData:
-    """``source`` is a shard folder, or ``real:<dataset>`` (train split) for the real-data baselines."""
-    if source.startswith("real:"):
-        data = load_dataset(source[5:], "train")
-        n = len(data) if not limit_groups else min(limit_groups, len(data))
-        return GroupData(torch.from_numpy(data.images[:n]), np.arange(n + 1, dtype=np.int64),
-                         torch.from_numpy(data.labels[:n]), data.class_names, None, source)
-    groups = load_groups(source)
-    g = len(groups) if not limit_groups else min(limit_groups, len(groups))
-    offsets = groups.offsets[: g + 1]
-    images = torch.from_numpy(groups.images[: offsets[-1]])
-    captions = [str(m.get("caption", "")) for m in groups.metas[:g]]
-    return GroupData(images, offsets, torch.from_numpy(groups.concept_ids[:g]), groups.concepts, captions, source)
+class LimitedSource(Source):
+    """The first ``limit`` groups of ``source`` (its units in stored order)."""
+
+    def __init__(self, source: Source, limit: int):
+        ends = np.cumsum(source.units.counts)
+        keep = int(np.searchsorted(ends, limit)) + 1
+        counts = source.units.counts[:keep].copy()
+        counts[-1] -= max(0, int(ends[keep - 1]) - limit)
+        self.inner = source
+        self.units = UnitTable(source.units.names[:keep], counts)
+        self.captioned, self.class_names = source.captioned, source.class_names
+        self.images_per_group, self.image_shape = source.images_per_group, source.image_shape
+        self.description = f"{source.description}, first {limit} groups"
+
+    def read(self, unit: int, start: int = 0, stop: int | None = None):
+        stop = int(self.units.counts[unit]) if stop is None else min(stop, int(self.units.counts[unit]))
+        return self.inner.read(unit, start, stop)
 
 
-def attach_text_embeddings(data: GroupData) -> None:
-    """Pooled frozen-MiniLM embeddings of every group's caption (StableRep+'s text input)."""
-    if data.captions is None:
-        raise ValueError(f"method stablerep+ needs captions; {data.source} has none (use a synthetic shard folder)")
-    from ..text_encoder import MiniLMEncoder
-
-    _, pooled = MiniLMEncoder(max_length=32).encode(data.captions)
-    data.text = pooled
+def open_data(spec: str, limit_groups: int, real_split: str) -> Source:
+    source = open_training_source(spec, real_split)
+    if limit_groups and limit_groups < source.units.total:
+        source = LimitedSource(source, limit_groups)
+    return source
 
 
-def make_batch(data: GroupData, indices: list[int], group_of_image: torch.Tensor, device: str) -> dict:
-    """Flat image indices -> float images ``[B, C, H, W]`` in [0, 1] and int ids ``group``/``concept``/``image``."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    images = data.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
-    groups = group_of_image[idx]
-    batch = {"images": images.to(device), "group": groups.to(device), "concept": data.concept_ids[groups].to(device),
-             "image": idx.to(device)}  # flat indices are global, so unique across ranks
-    if data.text is not None:
-        batch["text"] = data.text[groups].to(device)
-    return batch
+def check_data(source: Source, groups_per_batch: int, images_per_group: int, short_groups: ShortGroups,
+               image_size: int, loader: LoaderConfig, world_size: int) -> int:
+    """Start-up checks that need no model; returns the load size. Raises SourceError naming the value."""
+    have = source.images_per_group
+    if have and images_per_group > have and short_groups != "fewer":
+        kind = "caption in the shards" if source.captioned else "group (real data has one image per label)"
+        raise SourceError(f"images_per_group={images_per_group} but {source.description} has {have} image(s) per {kind}; "
+                          f"set images_per_group<={have}" + ("" if source.captioned else " (images_per_group=1 for real data)")
+                          + " or short_groups=fewer")
+    steps = steps_per_epoch(source.units.total, groups_per_batch, world_size)
+    if steps < 1:
+        raise SourceError(f"{source.description}: {source.units.total} groups are too few for {world_size} rank(s) x "
+                          f"groups_per_batch={groups_per_batch}; generate more captions or lower groups_per_batch")
+    size = loader.load_size or image_size
+    if size < image_size:
+        raise SourceError(f"loader.load_size={size} is smaller than backbone.image_size={image_size}; crops are taken from "
+                          "the loaded images, so load_size must be >= image_size (0 = image_size)")
+    stored = source.image_shape
+    if stored is not None and (stored[0], stored[1]) != (size, size):
+        if not loader.allow_resize:
+            raise SourceError(f"{source.description} stores {stored[0]}x{stored[1]} images but the loader needs {size}x{size} "
+                              f"(backbone.image_size={image_size}, loader.load_size={loader.load_size}) and loader.allow_resize=false")
+        if min(stored[0], stored[1]) < size:
+            LOG.warning("%s stores %dx%d images: they are upscaled to %d px for the backbone", source.description, stored[0], stored[1], size)
+    for name, value in (("num_workers", loader.num_workers), ("shuffle_buffer", loader.shuffle_buffer)):
+        if value < 0:
+            raise SourceError(f"loader.{name} must be >= 0, got {value}")
+    if loader.prefetch_factor < 1:
+        raise SourceError(f"loader.prefetch_factor must be >= 1, got {loader.prefetch_factor}")
+    return size
+
+
+class CaptionEmbedder:
+    """Adds ``text`` ``[B, 384]``: the frozen-MiniLM pooled embedding of each image's caption (StableRep+'s text input).
+
+    Runs in the data-loader worker; the encoder is loaded once per process on first use.
+    """
+
+    def __init__(self):
+        self._encoder = None
+
+    def __call__(self, batch: dict) -> dict:
+        captions = batch.pop("captions")
+        if not any(captions):
+            raise SourceError("method stablerep+ needs captions; this data has none (use a synthetic shard folder)")
+        if self._encoder is None:
+            from ..text_encoder import MiniLMEncoder
+
+            self._encoder = MiniLMEncoder(max_length=32)
+        unique = sorted(set(captions))
+        _, pooled = self._encoder.encode(unique)
+        where = {c: i for i, c in enumerate(unique)}
+        batch["text"] = pooled[torch.tensor([where[c] for c in captions])]
+        return batch
+
+
+class _WithTransform(GroupBatchStream):
+    def __init__(self, *args, transform=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            yield self.transform(batch) if self.transform else batch
+
+
+def make_batches(source: Source, spec: BatchSpec, loader: LoaderConfig, rank: int, world_size: int, start_step: int,
+                 pin_memory: bool) -> tuple[GroupBatchStream, Iterator[dict]]:
+    """The rank's stream from ``start_step`` and an iterator over its batches in step order."""
+    dataset = _WithTransform(source, spec, rank, world_size, loader.num_workers, start_step,
+                             transform=CaptionEmbedder() if spec.captions else None)
+    return dataset, batch_loader(dataset, loader.num_workers, loader.prefetch_factor, pin_memory)
+
+
+def to_device(batch: dict, device: str | torch.device) -> dict:
+    """uint8 ``[B, H, W, C]`` -> float ``[B, C, H, W]`` in [0, 1] on ``device`` (converted there); ids as int64."""
+    images = batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    out = {"images": images.contiguous()}
+    for key in ("group", "concept", "image", "text"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out

@@ -2,7 +2,7 @@
 
 AdamW, linear warm-up then cosine decay, learning rate scaled by the global batch size, gradient
 clipping, AMP on GPU (fp32 on CPU), DDP under torchrun (gloo on CPU, NCCL on GPU), checkpoints with
-model/optimizer/sampler/RNG state every ``checkpoint_every`` steps, ``resume`` from the latest, metrics
+model/optimizer/RNG state (the data position is the step) every ``checkpoint_every`` steps, ``resume`` from the latest, metrics
 as JSON lines, a NaN/inf guard, and the encoder exported as safetensors at the end.
 
 The batch and the augmentation randomness at step k are functions of (seed, k, rank) only, so a run
@@ -25,11 +25,12 @@ from tqdm import tqdm
 from ..config import config_to_dict, save_config
 from ..distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..plots import save_metrics_curve
-from ..sampler import MultiPositiveBatchSampler
 from ..utils import append_jsonl, atomic_torch_save, read_jsonl, set_threads, stable_seed
 from .augment import AugmentConfig
 from .backbones import BackboneConfig
-from .data import GroupData, attach_text_embeddings, load_train_data, make_batch
+from ..sources import Source
+from ..streaming import BatchSpec, ShortGroups, steps_per_epoch
+from .data import LoaderConfig, check_data, make_batches, open_data, to_device
 from .export import export_encoder
 from .methods import METHODS, MethodConfig, SynCLRMethod, build_method
 
@@ -50,9 +51,10 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: MethodConfig = field(default_factory=MethodConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     groups_per_batch: int = 64
     images_per_group: int = 4
-    short_groups: str = "fewer"
+    short_groups: ShortGroups = "error"
     steps: int = 300
     base_lr: float = 1e-3
     lr_scaling: str = "linear"  # linear | sqrt | none, relative to a global batch of 256
@@ -107,16 +109,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _prepare(cfg: TrainConfig, data: GroupData) -> None:
-    if cfg.backbone.in_channels != data.images.shape[-1] or cfg.backbone.image_size != data.images.shape[1]:
-        LOG.info("backbone input set from the data: %d px, %d channel(s)", data.images.shape[1], data.images.shape[-1])
-        cfg.backbone.image_size = int(data.images.shape[1])
-        cfg.backbone.in_channels = int(data.images.shape[-1])
-    if cfg.method == "stablerep+":
-        attach_text_embeddings(data)
-    sizes = np.diff(data.offsets)
-    if cfg.method in ("stablerep", "stablerep+", "synclr") and sizes.max() < 2 and cfg.loss.views < 2:
-        raise TrainingError(f"method {cfg.method} needs several images per caption (or loss.views>=2); {data.source} has one per group")
+def _check_method(cfg: TrainConfig, source: Source) -> None:
+    if cfg.method in ("stablerep", "stablerep+", "synclr") and source.images_per_group == 1 and cfg.loss.views < 2:
+        raise TrainingError(f"method {cfg.method} needs several images per caption (or loss.views>=2); "
+                            f"{source.description} has one per group")
+    if cfg.method == "stablerep+" and not source.captioned:
+        raise TrainingError(f"method stablerep+ needs captions; {source.description} has none (use a synthetic shard folder)")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -130,48 +128,54 @@ def train(cfg: TrainConfig) -> Path:
         torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_train_data(cfg.data, cfg.limit_groups)
-    _prepare(cfg, data)
+    source = open_data(cfg.data, cfg.limit_groups, cfg.loader.real_split)
+    _check_method(cfg, source)
+    load_size = check_data(source, cfg.groups_per_batch, cfg.images_per_group, cfg.short_groups, cfg.backbone.image_size,
+                           cfg.loader, info.world_size)
     if info.is_main:
         save_config(cfg, out)
     torch.manual_seed(cfg.seed)
-    model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(data.class_names), cfg.steps).to(device)
-    sampler = MultiPositiveBatchSampler(data.offsets, cfg.groups_per_batch, cfg.images_per_group, cfg.seed,
-                                        info.rank, info.world_size, cfg.short_groups)
+    model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(source.class_names), cfg.steps).to(device)
     peak_lr = scaled_lr(cfg, info.world_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.98))
     use_amp = cfg.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step = 0
     ckpt = out / CHECKPOINT
+    data_state = {"world_size": info.world_size, "num_workers": cfg.loader.num_workers, "groups": source.units.total,
+                  "shuffle_buffer": cfg.loader.shuffle_buffer}
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        before = state.get("data", {})
+        changed = [f"{k} {before[k]} -> {v}" for k, v in data_state.items() if k in before and before[k] != v]
+        if changed:
+            raise TrainingError(f"{ckpt} was written with other data settings ({'; '.join(changed)}): the batch order would "
+                                "differ, so it cannot resume exactly; use the same settings or a new out_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         LOG.info("resumed from %s at step %d", ckpt, step)
     elif info.is_main and (out / METRICS).exists():
         (out / METRICS).unlink()
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else model
-    group_of_image = data.group_of_image()
+    spec = BatchSpec(cfg.groups_per_batch, cfg.images_per_group, load_size, cfg.backbone.in_channels, cfg.short_groups,
+                     cfg.loader.shuffle_buffer, cfg.seed, captions=cfg.method == "stablerep+")
+    _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"))
     batch_images = cfg.groups_per_batch * cfg.images_per_group
-    LOG.info("training %s on %s: %d groups, %d images, backbone %s (%.2fM params), global batch %d, lr %.2e, %d steps",
-             cfg.method, cfg.data, data.num_groups, len(data.images), cfg.backbone.name,
-             sum(p.numel() for p in model.backbone.parameters()) / 1e6, global_batch_size(cfg, info.world_size), peak_lr, cfg.steps)
+    LOG.info("training %s on %s: %d steps per epoch, backbone %s (%.2fM params, %d px, %d channel(s)), global batch %d, "
+             "lr %.2e, %d steps, %d loader worker(s)", cfg.method, source.description,
+             steps_per_epoch(source.units.total, cfg.groups_per_batch, info.world_size), cfg.backbone.name,
+             sum(p.numel() for p in model.backbone.parameters()) / 1e6, cfg.backbone.image_size, cfg.backbone.in_channels,
+             global_batch_size(cfg, info.world_size), peak_lr, cfg.steps, cfg.loader.num_workers)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not info.is_main, dynamic_ncols=True)
     window_start, window_images, done_this_call = time.time(), 0, 0
-    iterator = iter(sampler)
     while step < cfg.steps:
-        try:
-            indices = next(iterator)
-        except StopIteration:
-            sampler.set_epoch(sampler.epoch + 1)
-            iterator = iter(sampler)
-            continue
-        batch = make_batch(data, indices, group_of_image, device)
+        loaded = next(batches)
+        if loaded["step"] != step:
+            raise TrainingError(f"the data stream delivered batch {loaded['step']} at step {step}")
+        batch = to_device(loaded, device)
         generator = torch.Generator().manual_seed(stable_seed("augment", cfg.seed, step, info.rank) % 2**63)
         lr = lr_at(step, peak_lr, cfg)
         for group in optimizer.param_groups:
@@ -190,7 +194,7 @@ def train(cfg: TrainConfig) -> Path:
         scaler.step(optimizer)
         scaler.update()
         record = {"step": step + 1, "loss": all_reduce_mean(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
-                  "epoch": sampler.epoch}
+                  "epoch": int(loaded["epoch"])}
         record.update({k: all_reduce_mean(v.item()) for k, v in terms.items()})
         if isinstance(model, SynCLRMethod):
             record["ema_momentum"] = model.update_teacher(step)
@@ -199,7 +203,7 @@ def train(cfg: TrainConfig) -> Path:
             record["logit_scale"] = float(model.logit_scale.detach().exp())
         step += 1
         done_this_call += 1
-        window_images += len(indices) * info.world_size
+        window_images += len(batch["images"]) * info.world_size
         if info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             record["img_per_s"] = window_images / max(time.time() - window_start, 1e-9)
             window_start, window_images = time.time(), 0
@@ -210,24 +214,26 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now:
             if info.is_main:
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                   "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                                   "data": data_state, "torch_rng": torch.get_rng_state(), "step": step,
                                    "config": config_to_dict(cfg)}, ckpt)
             barrier()
         if stop_now:
+            batches.close()
             bar.close()
             LOG.info("stopped after %d steps at step %d (stop_after); resume with the same command", done_this_call, step)
             cleanup()
             return out / "encoder"
+    batches.close()
     bar.close()
     folder = out / "encoder"
     if info.is_main:
-        folder = finish(cfg, model, data, out, batch_images)
+        folder = finish(cfg, model, source, out, batch_images)
     barrier()
     cleanup()
     return folder
 
 
-def finish(cfg: TrainConfig, model: torch.nn.Module, data: GroupData, out: Path, batch_images: int) -> Path:
+def finish(cfg: TrainConfig, model: torch.nn.Module, source: Source, out: Path, batch_images: int) -> Path:
     """Export the encoder with a model card, and draw the loss curve."""
     metrics = read_jsonl(out / METRICS)
     if metrics:
@@ -240,7 +246,7 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, data: GroupData, out: Path,
 | field | value |
 |---|---|
 | method | {cfg.method} |
-| training data | `{cfg.data}` ({data.num_groups} groups, {len(data.images)} images, classes: {', '.join(data.class_names[:10])}) |
+| training data | `{cfg.data}` ({source.description}; classes: {', '.join(source.class_names[:10])}) |
 | backbone | {cfg.backbone.name} ({sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M params, {model.backbone.feature_dim}-d features) |
 | steps x batch | {cfg.steps} x {batch_images} images per rank |
 | seed | {cfg.seed} |

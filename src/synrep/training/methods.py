@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import gather_with_grad, get_rank
+from ..distributed import gather_no_grad, gather_with_grad, get_rank
 from .augment import AugmentConfig, augment, multi_crop
 from .backbones import BackboneConfig, VisionTransformer, build_backbone
 from .losses import image_text_contrastive, masked_token_distillation, multi_positive_contrastive, sinkhorn_knopp
@@ -67,7 +67,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 def _gathered_loss(z: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Multi-positive loss of this rank's anchors against the globally gathered batch."""
     keys = gather_with_grad(z)
-    key_ids = gather_with_grad(ids.float()).long() if keys is not z else ids
+    key_ids = gather_no_grad(ids) if keys is not z else ids  # int64: exact for any number of ids
     return multi_positive_contrastive(z, ids, keys, key_ids, temperature, anchor_offset=get_rank() * z.shape[0])
 
 
@@ -78,6 +78,7 @@ class ContrastiveMethod(nn.Module):
         super().__init__()
         self.name, self.cfg, self.aug = name, cfg, aug
         self.backbone = build_backbone(backbone_cfg)
+        self.image_size = backbone_cfg.image_size
         self.projector = mlp(self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)
         if name == "stablerep+":
             self.image_to_text = nn.Linear(self.backbone.feature_dim, cfg.proj_dim)
@@ -90,7 +91,7 @@ class ContrastiveMethod(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = batch["images"]
         v = self.views()
-        viewed = torch.cat([augment(x, generator, self.aug) for _ in range(v)])  # [V*B, C, H, W]
+        viewed = torch.cat([augment(x, generator, self.aug, size=self.image_size) for _ in range(v)])  # [V*B, C, H, W]
         feats = self.backbone(normalize_images(viewed))
         z = F.normalize(self.projector(feats), dim=-1)
         key = {"simclr": "image", "supcon": "concept"}.get(self.name, "group")
@@ -105,8 +106,8 @@ class ContrastiveMethod(nn.Module):
             text_emb = F.normalize(self.text_projector(text_src), dim=-1)
             image_all = gather_with_grad(image_emb)
             text_all = gather_with_grad(text_emb)
-            group_all = gather_with_grad(batch["group"].float()).long() if image_all is not image_emb else batch["group"]
-            text_group_all = gather_with_grad(groups.float()).long() if text_all is not text_emb else groups
+            group_all = gather_no_grad(batch["group"]) if image_all is not image_emb else batch["group"]
+            text_group_all = gather_no_grad(groups) if text_all is not text_emb else groups
             text_group_all, keep = _unique_first(text_group_all)
             scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
             losses["image_text"] = self.cfg.text_weight * image_text_contrastive(image_all, group_all, text_all[keep], text_group_all, scale)
@@ -129,10 +130,11 @@ class SupervisedMethod(nn.Module):
         super().__init__()
         self.name, self.cfg, self.aug = "supervised", cfg, aug
         self.backbone = build_backbone(backbone_cfg)
+        self.image_size = backbone_cfg.image_size
         self.classifier = nn.Linear(self.backbone.feature_dim, num_classes)
 
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        x = augment(batch["images"], generator, self.aug)
+        x = augment(batch["images"], generator, self.aug, size=self.image_size)
         return {"cross_entropy": F.cross_entropy(self.classifier(self.backbone(normalize_images(x))), batch["concept"])}
 
 
@@ -143,6 +145,7 @@ class SynCLRMethod(nn.Module):
         super().__init__()
         self.name, self.cfg, self.aug, self.total_steps = "synclr", cfg, aug, total_steps
         self.backbone = build_backbone(backbone_cfg)
+        self.image_size = backbone_cfg.image_size
         if not isinstance(self.backbone, VisionTransformer):
             raise ValueError(f"method synclr needs a ViT backbone (patch tokens for masked modelling), not {backbone_cfg.name!r}")
         dim = self.backbone.feature_dim
@@ -174,7 +177,7 @@ class SynCLRMethod(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = batch["images"]
         b = len(x)
-        global_view, local_views = multi_crop(x, generator, self.aug)
+        global_view, local_views = multi_crop(x, generator, self.aug, size=self.image_size)
         n = self.backbone.num_patches(global_view.shape[-1])
         masked_image = torch.rand(b, generator=generator) < self.cfg.mask_image_prob
         token_mask = torch.rand(b, n, generator=generator) < self.cfg.mask_ratio
