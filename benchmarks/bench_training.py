@@ -1,7 +1,7 @@
 """`synrep train` vs a bare loop doing the same forward/backward/step on one batch already in memory.
 
 Augmentation runs inside each method's forward, so it is on both sides; what the ratio measures is the
-cost of everything else in the loop (sampler, batch assembly, LR schedule, metrics, checkpoints).
+cost of everything else in the loop (the streaming loader, LR schedule, metrics, checkpoints).
 The data pipeline alone is measured in bench_data.py.
 """
 
@@ -17,26 +17,32 @@ import torch
 
 from common import report
 from synrep.config import load_config
-from synrep.training.data import load_train_data, make_batch
+from synrep.training.data import LoaderConfig, make_batches, open_data, to_device
 from synrep.training.loop import TrainConfig, train
 from synrep.training.methods import build_method
 
 METHODS = [("stablerep", "cnn"), ("simclr", "cnn"), ("supcon", "cnn"), ("stablerep+", "cnn"), ("synclr", "vit-micro")]
 
 
-def bare_loop(cfg: TrainConfig, steps: int) -> float:
-    data = load_train_data(cfg.data)
-    if cfg.method == "stablerep+":
-        from synrep.training.data import attach_text_embeddings
+def one_batch(cfg: TrainConfig) -> tuple[dict, int]:
+    """The first batch of ``cfg``'s stream on the CPU (as the loop sees it) and the number of classes."""
+    from synrep.streaming import BatchSpec
 
-        attach_text_embeddings(data)
-    cfg.backbone.image_size, cfg.backbone.in_channels = int(data.images.shape[1]), int(data.images.shape[-1])
+    source = open_data(cfg.data, cfg.limit_groups, cfg.loader.real_split)
+    spec = BatchSpec(cfg.groups_per_batch, cfg.images_per_group, cfg.backbone.image_size, cfg.backbone.in_channels,
+                     cfg.short_groups, 0, cfg.seed, captions=cfg.method == "stablerep+")
+    _, batches = make_batches(source, spec, LoaderConfig(num_workers=0), 0, 1, 0, False)
+    batch = to_device(next(batches), "cpu")
+    batches.close()
+    return batch, len(source.class_names)
+
+
+def bare_loop(cfg: TrainConfig, steps: int) -> float:
+    batch, classes = one_batch(cfg)
     torch.manual_seed(0)
-    model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(data.class_names), cfg.steps)
+    model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, classes, cfg.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    n = cfg.groups_per_batch * cfg.images_per_group
-    indices = [int(data.offsets[g]) + j for g in range(cfg.groups_per_batch) for j in range(cfg.images_per_group)]
-    batch = make_batch(data, indices, data.group_of_image(), "cpu")
+    n = len(batch["images"])
     g = torch.Generator().manual_seed(0)
     for step in range(steps + 2):
         if step == 2:

@@ -16,6 +16,15 @@ def test_help_lists_every_stage(capsys):
         assert command in out
 
 
+def test_command_help_lists_every_config_key_with_type_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "loader.num_workers" in out and "backbone.image_size" in out
+    assert "short_groups" in out and "one of 'error', 'fewer', 'skip'" in out and "(default 'error')" in out
+
+
 def test_bad_override_is_a_clear_error_with_exit_code_2(capsys):
     assert main(["train", "stepz=3"]) == 2
     err = capsys.readouterr().err

@@ -63,6 +63,28 @@ def _config_class(command: str, sub: str | None):
     raise ConfigError(f"no config for {command} {sub or ''}")
 
 
+class _HelpWithKeys(argparse.Action):
+    """``-h``: the usual help, then every config key of the command with its type or choices and default."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import describe_keys
+
+        parser.print_help()
+        command = parser.prog.split()[-1]
+        try:
+            rows = describe_keys(_config_class(command, "train" if command == "generator" else None))
+        except ConfigError:
+            parser.exit()
+        width = max(len(k) for k, _, _ in rows)
+        print("\nconfig keys (key=value; nested keys with dots):")
+        for key, kind, default in rows:
+            print(f"  {key.ljust(width)}  {kind}  (default {default})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synrep", description="Learn visual representations from generative models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"synrep {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = subs.add_parser(name, help=help_text, description=help_text)
+        p = subs.add_parser(name, help=help_text, description=help_text, add_help=False)
+        p.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help, every config key, and exit")
         if name == "generator":
             p.add_argument("action", choices=["train", "fidelity"], help="train the model, or measure its fidelity/diversity")
         if name == "report":

@@ -213,6 +213,19 @@ def _merge(cfg: T, data: dict, prefix: str = "") -> T:
     return dataclasses.replace(cfg, **updates)
 
 
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, type or choices, default)`` for every leaf key of a config dataclass (for ``--help``)."""
+    rows = []
+    defaults = cls()
+    for name, tp in _field_types(cls).items():
+        value = getattr(defaults, name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(type(value), prefix + name + ".")
+        else:
+            rows.append((prefix + name, _describe(tp), repr(value)))
+    return rows
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain-dict view of a dataclass config (tuples become lists) for YAML/JSON."""
     def convert(v):

@@ -96,8 +96,11 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
 def validate(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise TrainingError(f"method={cfg.method!r} is not allowed; choose one of {', '.join(METHODS)}")
-    if cfg.steps < 1 or cfg.groups_per_batch < 1 or cfg.images_per_group < 1:
-        raise TrainingError("steps, groups_per_batch and images_per_group must be >= 1")
+    for key in ("steps", "groups_per_batch", "images_per_group", "log_every", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise TrainingError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.limit_groups < 0:
+        raise TrainingError(f"limit_groups must be >= 0 (0 = all groups), got {cfg.limit_groups}")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
