@@ -219,3 +219,241 @@ def test_cleaning_strips_chatty_preambles_and_keeps_one_sentence(raw, expected):
 
 def test_cleaning_rejects_prompt_echo():
     assert clean_caption('The caption is: "Sneaker, a shoe box', ["sneaker"], prompt_input="sneaker, a shoe box") == (None, "prompt echo")
+
+
+# ---- captions.jsonl: a seeded interleave of the concepts, written and read as a stream ----
+
+def _without_id(rec):
+    return {k: v for k, v in rec.items() if k != "id"}
+
+
+def test_merged_file_interleaves_concepts_in_a_seeded_order(tmp_path, monkeypatch):
+    import dataclasses
+
+    from synrep.captions import stage
+    from synrep.captions.cleaning import distinct_word_ratio
+
+    cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), per_concept=20, dedup="text")
+    path = run_captions(cfg)
+    first = path.read_bytes()
+    records = read_captions(path)
+    assert [r["id"] for r in records] == list(range(200))
+    assert len({r["concept"] for r in records[:20]}) >= 5, "the first lines already mix concepts"
+    changes = sum(a["concept"] != b["concept"] for a, b in zip(records, records[1:]))
+    assert changes > 120, f"concepts come in runs ({changes} changes in 199 steps)"
+    concepts = load_concepts("fashion-mnist")
+    for i, concept in enumerate(concepts.concepts):  # each concept keeps its own order
+        part = [json.loads(line) for line in (tmp_path / "run" / "parts" / f"concept-{i:05d}.jsonl").read_text().splitlines()]
+        assert part == [_without_id(r) for r in records if r["concept"] == concept.name]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["captions"] == 200 and set(summary["per_concept"].values()) == {20}
+    assert summary["per_template"] == dict(Counter(r["template"] for r in records))
+    assert summary["distinct_word_ratio"] == round(distinct_word_ratio([r["caption"] for r in records]), 4)
+
+    # the same parts merged again with tiny read-ahead and two open files at most: the same bytes
+    monkeypatch.setattr(stage, "_MERGE_BUFFER_BYTES", 1)
+    monkeypatch.setattr(stage, "_MERGE_MAX_OPEN", 2)
+    stage.merge_parts(cfg, concepts, 1.0, 0)
+    assert path.read_bytes() == first
+    # another seed: the same captions in another order
+    stage.merge_parts(dataclasses.replace(cfg, seed=1), concepts, 1.0, 0)
+    other = read_captions(path)
+    assert [r["concept"] for r in other] != [r["concept"] for r in records]
+    key = lambda r: json.dumps(_without_id(r), sort_keys=True)  # noqa: E731
+    assert sorted(map(key, other)) == sorted(map(key, records))
+
+
+def test_interleave_order_is_a_uniform_interleave_in_any_block_size():
+    from itertools import permutations
+
+    from synrep.captions.stage import interleave_order
+
+    arrangements = set(permutations([0, 0, 1, 1, 2]))
+    for block in (1, 2, 65536):
+        seen = Counter(tuple(int(x) for b in interleave_order([2, 2, 1], seed, block=block) for x in b) for seed in range(3000))
+        assert set(seen) == arrangements  # every arrangement, each part's count kept
+        expected = 3000 / len(arrangements)  # 30 arrangements, 100 each
+        assert all(abs(c - expected) < 40 for c in seen.values()), (block, sorted(seen.values()))
+    lengths = [len(b) for b in interleave_order([100, 0, 50], 0, block=64)]
+    assert lengths == [64, 64, 22]
+
+
+def test_merge_refuses_parts_that_disagree_with_their_markers(tmp_path):
+    from synrep.captions.stage import merge_parts
+
+    cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), per_concept=3, dedup="text")
+    before = run_captions(cfg).read_bytes()
+    concepts = load_concepts("fashion-mnist")
+    part = tmp_path / "run" / "parts" / "concept-00004.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines + lines[:1]))
+    with pytest.raises(RuntimeError, match="concept-00004.jsonl has more lines"):
+        merge_parts(cfg, concepts, 1.0, 0)
+    part.write_text("".join(lines[:2]))
+    with pytest.raises(RuntimeError, match="concept-00004.jsonl has fewer lines"):
+        merge_parts(cfg, concepts, 1.0, 0)
+    assert (tmp_path / "run" / "captions.jsonl").read_bytes() == before, "a failed merge leaves the old file"
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def _messy_captions(path, n=2600):
+    """Blank and whitespace lines, some ids given, raw and escaped non-ASCII: read_captions' whole grammar."""
+    lines = []
+    for i in range(n):
+        if i % 97 == 0:
+            lines.append("")
+        if i % 101 == 0:
+            lines.append("   \t")
+        rec = {"caption": f"caf\u00e9 caption number {i}", "concept": f"c{i % 7}"}
+        if i % 3 == 0:
+            rec["id"] = 10_000 + i
+        lines.append(json.dumps(rec, ensure_ascii=i % 2 == 0))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _ranges(n):
+    import random
+
+    rng = random.Random(0)
+    fixed = [(0, None), (0, 5), (1, 2), (1023, 1025), (1024, 2048), (1500, None), (n - 1, None), (n, None), (n + 5, n + 9), (700, 600)]
+    return fixed + [tuple(sorted(rng.sample(range(n + 3), 2))) for _ in range(25)]
+
+
+def test_iter_captions_equals_read_captions_with_and_without_sidecar(tmp_path, monkeypatch):
+    from synrep.captions import files
+    from synrep.captions.stage import count_captions, iter_captions, offsets_path
+
+    path = _messy_captions(tmp_path / "mine.jsonl")
+    full = read_captions(path)
+    assert len(full) == 2600 and full[0]["id"] == 10_000 and full[1]["id"] == 1 and full[4]["concept"] == "c4"
+    sidecar = offsets_path(path)
+    assert sidecar.name == "mine.offsets.json" and not sidecar.exists(), "reading from the start needs no sidecar"
+
+    def check():
+        for start, stop in _ranges(len(full)):
+            assert list(iter_captions(path, start, stop)) == full[start:stop], (start, stop)
+
+    # no sidecar, folder not writable: offsets built by a scan and kept in memory
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(files, "atomic_write_text", refuse)
+    files._CACHE.clear()
+    assert count_captions(path) == 2600 and not sidecar.exists()
+    check()
+    monkeypatch.undo()
+    # no sidecar, writable: written by the first count, then used
+    files._CACHE.clear()
+    assert count_captions(path) == 2600
+    stored = json.loads(sidecar.read_text())
+    assert stored["records"] == 2600 and stored["size"] == path.stat().st_size and stored["every"] == 1024
+    assert len(stored["offsets"]) == 3 and stored["lines"][0] == 3  # lines 1 and 2 are blank
+    files._CACHE.clear()
+    check()
+    # stale sidecar (the file grew): rebuilt, and the new captions are seen
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"caption": "one more caption"}) + "\n")
+    full = read_captions(path)
+    assert count_captions(path) == 2601 and json.loads(sidecar.read_text())["records"] == 2601
+    files._CACHE.clear()
+    check()
+    # stale sidecar with the same file size: one blank line moved to the top shifts every offset by a byte
+    text = path.read_text(encoding="utf-8")
+    cut = text.index("\n\n", 10_000)
+    path.write_text("\n" + text[:cut] + text[cut + 1:], encoding="utf-8")
+    assert path.stat().st_size == stored["size"] + len(json.dumps({"caption": "one more caption"})) + 1
+    full = read_captions(path)
+    files._CACHE.clear()
+    check()
+
+
+def test_iter_captions_names_file_and_line_of_a_bad_caption(tmp_path):
+    from synrep.captions.stage import iter_captions
+
+    path = tmp_path / "bad.jsonl"
+    good = [json.dumps({"caption": f"caption {i}"}) for i in range(2000)]
+    path.write_text("\n".join(good[:10] + [""] + good[10:1500] + ["{not json"] + good[1500:] + ['{"caption": ""}']) + "\n")
+    assert len(list(iter_captions(path, 0, 1500))) == 1500, "lines outside the range are not parsed"
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1502: not valid JSON"):
+        list(iter_captions(path, 1400, 1600))
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2003: needs a non-empty string field 'caption'"):
+        list(iter_captions(path, 1900))
+    path.write_bytes(b'{"caption": "fine"}\n{"caption": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="line 2: not valid UTF-8"):
+        read_captions(path)
+
+
+# ---- near-duplicate removal: LSH against the quadratic rule ----
+
+def _brute_force_near_duplicates(e, threshold):
+    keep, dup = [], []
+    for i in range(len(e)):
+        d = bool(keep) and float(max(e[j] @ e[i] for j in keep)) > threshold
+        dup.append(d)
+        if not d:
+            keep.append(i)
+    return dup
+
+
+def _planted(n, dim=384, share=0.2, noise=0.01, seed=0):
+    """n random unit rows plus near copies (cosine about 0.98) of a share of them, placed later."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((n, dim))
+    copies = int(n * share)
+    src = rng.choice(n, copies, replace=False)
+    near = rows[src] / np.linalg.norm(rows[src], axis=1, keepdims=True) + noise * rng.standard_normal((copies, dim))
+    e = np.concatenate([rows, near])
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    pos = rng.permutation(len(e))  # row r goes to place pos[r]; each copy must come after its original
+    for k, s in enumerate(src):
+        if pos[n + k] < pos[s]:
+            pos[n + k], pos[s] = pos[s], pos[n + k]
+    arranged = np.empty_like(e)
+    arranged[pos] = e
+    planted = np.zeros(len(e), dtype=bool)
+    planted[pos[n:]] = True
+    return arranged, planted
+
+
+def test_lsh_near_duplicates_flag_the_planted_copies_and_nothing_else():
+    e, planted = _planted(300)
+    assert planted.sum() == 60
+    for method in ("lsh", "exact", "auto"):
+        assert near_duplicate_mask(e, 0.95, method=method).tolist() == planted.tolist(), method
+    assert near_duplicate_mask(e, 0.95, method="lsh", seed=7).tolist() == planted.tolist()
+
+
+def test_lsh_near_duplicates_agree_with_brute_force():
+    import numpy as np
+
+    same = 0
+    for seed in range(20):  # clustered rows: many pairs near the threshold, chains of near duplicates
+        rng = np.random.default_rng(seed)
+        centres = rng.standard_normal((12, 48))
+        spread = rng.uniform(0.02, 0.35, (150, 1))  # tight and loose rows: pairs on both sides of the threshold
+        e = centres[rng.integers(0, 12, 150)] + spread * rng.standard_normal((150, 48))
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        reference = _brute_force_near_duplicates(e, 0.95)
+        assert 0 < sum(reference) < 150
+        assert near_duplicate_mask(e, 0.95, method="exact").tolist() == reference
+        same += near_duplicate_mask(e, 0.95, method="lsh", seed=seed).tolist() == reference
+    assert same >= 18, f"LSH differed from the exact rule on {20 - same} of 20 inputs"
+
+
+def test_auto_near_duplicates_use_lsh_for_diverse_rows_and_exact_for_alike_ones(monkeypatch):
+    import numpy as np
+
+    from synrep.captions import cleaning
+
+    e, planted = _planted(3000, share=0.1)
+    monkeypatch.setattr(cleaning, "_near_duplicates_exact", lambda *a, **k: pytest.fail("exact check used"))
+    assert near_duplicate_mask(e, 0.95).tolist() == planted.tolist()
+    monkeypatch.undo()
+    rng = np.random.default_rng(0)
+    alike = rng.standard_normal(64) + 0.05 * rng.standard_normal((1500, 64))  # all pairs above ~0.99
+    alike /= np.linalg.norm(alike, axis=1, keepdims=True)
+    monkeypatch.setattr(cleaning, "_near_duplicates_lsh", lambda *a, **k: pytest.fail("LSH used"))
+    assert near_duplicate_mask(alike, 0.999).tolist() == _brute_force_near_duplicates(alike, 0.999)

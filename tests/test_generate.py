@@ -12,7 +12,7 @@ import pytest
 
 from synrep.generate.generators import GeneratorSpecError
 from synrep.generate.stage import GenerateConfig, regenerate_image, run_generate
-from synrep.shards import list_shards, load_groups, read_shard
+from synrep.shards import list_shards, read_shard
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,12 @@ def test_latent_views_are_closer_to_their_anchor(random_generator_dir, captions_
         out = tmp_path / views
         run_generate(GenerateConfig(captions=str(captions_file), out_dir=str(out), generator=f"embedded:{random_generator_dir}",
                                     limit_captions=6, steps=3, views=views, sigma=sigma, preview=False))
-        groups = load_groups(out)
+        groups = [sample for shard in list_shards(out) for sample in read_shard(shard)]
         d = []
-        for g in range(len(groups)):
-            x = groups.images[groups.offsets[g]:groups.offsets[g + 1]].reshape(4, -1).astype(float)
+        for group in groups:
+            x = group.images.reshape(4, -1).astype(float)
             d.append(np.mean([np.abs(x[i] - x[j]).mean() for i in range(4) for j in range(i + 1, 4)]))
-        return np.mean(d), groups.metas[0]
+        return np.mean(d), groups[0].meta
 
     latent, meta = spread("latent")
     independent, _ = spread("independent")
@@ -147,3 +147,52 @@ def test_a_failing_batch_fails_only_its_shard_and_a_rerun_completes(random_gener
     reference = GenerateConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "ref")})
     run_generate(reference)
     assert _digests(tmp_path / "run") == _digests(tmp_path / "ref")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def test_each_rank_reads_only_its_shards_lines_and_writes_the_same_shards(random_generator_dir, captions_file, tmp_path, monkeypatch):
+    from synrep.captions import files
+    from synrep.captions import stage as captions_stage
+    from synrep.distributed import DistInfo
+    from synrep.generate import stage
+    from synrep.generate.generators import make_generator
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("run_generate read the whole captions file")
+
+    calls = []
+    real_iter = stage.iter_captions
+
+    def spy(path, start=0, stop=None):
+        calls.append((start, stop))
+        return real_iter(path, start, stop)
+
+    monkeypatch.setattr(files, "read_captions", forbidden)
+    monkeypatch.setattr(captions_stage, "read_captions", forbidden)
+    monkeypatch.setattr(stage, "iter_captions", spy)
+    common = dict(captions=str(captions_file), generator=f"embedded:{random_generator_dir}", limit_captions=7,
+                  captions_per_shard=3, batch_captions=2, steps=2, preview=False)
+    one = GenerateConfig(out_dir=str(tmp_path / "one"), **common)
+    run_generate(one)
+    assert calls == [(0, 3), (3, 6), (6, 7)]
+    two = GenerateConfig(out_dir=str(tmp_path / "two"), **common)
+    for rank, expected in ((1, [(3, 6)]), (0, [(0, 3), (6, 7)])):  # two ranks, one after the other
+        calls.clear()
+        monkeypatch.setattr(stage, "init_distributed", lambda rank=rank: DistInfo(rank, 2))
+        run_generate(two)
+        assert calls == expected, rank
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "index.json").read_text())["num_groups"] == 7
+    monkeypatch.undo()
+
+    # the shards equal what the stage wrote from the whole file read up front, as it did before
+    records = files.read_captions(captions_file)[:7]
+    generator = make_generator(one.generator)
+    old = tmp_path / "old"
+    for k, begin in enumerate(range(0, 7, 3)):
+        stage._write_shard(one, generator, stage._settings(one), records[begin:begin + 3], old / f"shard-{k:05d}.tar", _NoBar())
+    assert _digests(old) == _digests(tmp_path / "one")

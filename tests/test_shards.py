@@ -5,8 +5,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from synrep.shards import (ReadStats, ShardError, ShardWriter, check_member_name, iter_samples, list_shards, load_groups,
-                           read_shard, shard_done, write_index)
+from synrep.shards import ShardError, ShardWriter, check_member_name, list_shards, read_shard, shard_done, write_index
+from synrep.sources import ShardSource
 
 
 def _images(n, seed, shape=(8, 8, 1)):
@@ -39,18 +39,18 @@ def test_webdataset_member_names(tmp_path):
         assert tar.getnames() == ["000000000.json", "000000000.0.png", "000000000.1.png"]
 
 
-def test_truncated_shard_is_skipped_and_counted(tmp_path):
+def test_truncated_shard_is_detected_and_left_out(tmp_path):
     for i in range(3):
         _write(tmp_path, i)
+    write_index(tmp_path, {})
     bad = tmp_path / "shard-00001.tar"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    stats = ReadStats()
-    samples = list(iter_samples(list_shards(tmp_path), stats))
-    assert len(samples) == 6 and stats.shards_skipped == 1 and stats.skipped == [str(bad)]
     assert not shard_done(bad), "size no longer matches the done-marker"
-    groups = load_groups(tmp_path)
-    assert len(groups) == 6 and groups.stats.shards_skipped == 1
+    with pytest.raises(ShardError, match="truncated"):
+        read_shard(bad)
+    source = ShardSource(tmp_path)
+    assert len(source) == 6 and source.skipped_shards == ["shard-00001.tar"]
 
 
 def test_writer_killed_before_rename_is_invisible(tmp_path):
@@ -78,19 +78,9 @@ def test_path_traversal_names_refused(name, tmp_path):
         read_shard(path)
 
 
-def test_index_counts(tmp_path):
+def test_index_counts_and_concepts(tmp_path):
     _write(tmp_path, 0)
     _write(tmp_path, 1, groups=2)
     index = json.loads(write_index(tmp_path, {"generator": "test"}).read_text())
     assert index["num_groups"] == 5 and index["num_images"] == 10 and index["generator"] == "test"
-
-
-def test_shards_split_across_ranks_and_workers(tmp_path):
-    for i in range(6):
-        _write(tmp_path, i, groups=1)
-    shards = list_shards(tmp_path)
-    seen = []
-    for rank in range(2):
-        for worker in range(3):
-            seen += [s.key for s in iter_samples(shards, rank=rank, world_size=2, worker=worker, num_workers=3)]
-    assert sorted(seen) == sorted(f"{i * 100:09d}" for i in range(6))
+    assert index["concepts"] == ["c"] and index["concept_counts"] == {"c": 5}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .captions.stage import iter_captions
 from .evaluation.stage import results_table
 from .plots import save_bar_chart, save_metrics_curve
 from .utils import atomic_write_text, read_jsonl
@@ -35,7 +36,8 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{captions['captions']} captions for {captions['concepts']} concepts from the `{captions['backend']}` backend; "
                   f"per template {captions['per_template']}; {captions['rejected']} rejected, {captions['duplicates']} duplicates removed; "
                   f"distinct-word ratio {captions['distinct_word_ratio']}.", ""]
-        sample = [json.loads(l) for l in (root / "captions" / "captions.jsonl").read_text().splitlines()[:: max(1, captions['captions'] // 8)]][:8]
+        step = max(1, captions["captions"] // 8)
+        sample = [rec for i, rec in enumerate(iter_captions(root / "captions" / "captions.jsonl", 0, 8 * step)) if i % step == 0][:8]
         lines += [f"- *{r['caption']}* ({r['concept']}, {r['template']})" for r in sample] + [""]
 
     gen = _load(root / "shards" / "generate_summary.json")

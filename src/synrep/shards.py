@@ -18,9 +18,9 @@ import json
 import logging
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -233,89 +233,6 @@ def list_shards(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise ShardError(f"shard folder {folder} does not exist")
     return sorted(p for p in folder.glob("shard-*.tar") if p.is_file())
-
-
-@dataclass
-class ReadStats:
-    shards_read: int = 0
-    shards_skipped: int = 0
-    samples: int = 0
-    images: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-
-def iter_samples(shards: Iterable[str | Path], stats: ReadStats | None = None, rank: int = 0, world_size: int = 1,
-                 worker: int = 0, num_workers: int = 1) -> Iterator[GroupSample]:
-    """Stream samples from this (rank, worker)'s shards: shard i goes to reader i mod (world x workers).
-
-    A corrupt shard is skipped with a warning and counted in ``stats``; reading never stops mid-epoch.
-    """
-    stats = stats if stats is not None else ReadStats()
-    readers = world_size * num_workers
-    me = rank * num_workers + worker
-    for i, shard in enumerate(shards):
-        if i % readers != me:
-            continue
-        try:
-            samples = read_shard(shard)
-        except ShardError as err:
-            stats.shards_skipped += 1
-            stats.skipped.append(str(shard))
-            LOG.warning("skipping corrupt shard (%d skipped so far): %s", stats.shards_skipped, err)
-            continue
-        stats.shards_read += 1
-        for sample in samples:
-            stats.samples += 1
-            stats.images += len(sample.images)
-            yield sample
-
-
-@dataclass
-class GroupedImages:
-    """All caption groups of a shard folder in memory.
-
-    ``images`` uint8 ``[N_images, H, W, C]``; group g owns ``images[offsets[g]:offsets[g+1]]``;
-    ``metas[g]`` is its provenance; ``concept_ids[g]`` indexes ``concepts``.
-    """
-
-    images: np.ndarray
-    offsets: np.ndarray
-    metas: list[dict]
-    concepts: list[str]
-    concept_ids: np.ndarray
-    stats: ReadStats
-
-    @property
-    def group_sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.metas)
-
-
-def load_groups(folder: str | Path) -> GroupedImages:
-    """Read every completed shard of ``folder`` into memory (corrupt shards skipped and counted)."""
-    shards = list_shards(folder)
-    if not shards:
-        raise ShardError(f"shard folder {folder} holds no completed shards (shard-*.tar); run `synrep generate` first")
-    stats = ReadStats()
-    arrays, metas = [], []
-    for sample in iter_samples(shards, stats):
-        arrays.append(sample.images)
-        metas.append(sample.meta)
-    if not arrays:
-        raise ShardError(f"shard folder {folder}: all {len(shards)} shards are corrupt")
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) > 1:
-        raise ShardError(f"shard folder {folder} mixes image shapes {sorted(shapes)}")
-    sizes = np.array([len(a) for a in arrays])
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    concepts = sorted({str(m.get("concept", "")) for m in metas})
-    lookup = {c: i for i, c in enumerate(concepts)}
-    concept_ids = np.array([lookup[str(m.get("concept", ""))] for m in metas], dtype=np.int64)
-    if stats.shards_skipped:
-        LOG.warning("%d of %d shards in %s were corrupt and skipped", stats.shards_skipped, len(shards), folder)
-    return GroupedImages(np.concatenate(arrays), offsets, metas, concepts, concept_ids, stats)
 
 
 def write_index(folder: str | Path, info: dict) -> Path:

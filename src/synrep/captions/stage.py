@@ -3,7 +3,9 @@
 Work is split by concept: concept i is written by rank ``i mod world_size`` to its own part file
 ``parts/concept-00007.jsonl``, atomically, with a done-marker ``parts/concept-00007.json`` holding its
 counts. A rerun skips concepts whose marker exists, so a killed run resumes without duplicates.
-Rank 0 then merges the parts, in concept order, into ``captions.jsonl`` and writes ``summary.json``.
+Rank 0 then merges the parts into ``captions.jsonl`` in a seeded random interleave (every concept spread
+over the whole file, so any cut of it, e.g. a generated shard, mixes concepts), streaming: memory is
+O(concepts), never the captions. It writes ``captions.offsets.json`` (see :mod:`.files`) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -11,25 +13,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import yaml
 from tqdm import tqdm
 
 from ..config import save_config
 from ..distributed import barrier, init_distributed
-from ..utils import atomic_write_json, atomic_write_text, set_threads
+from ..utils import atomic_write_json, atomic_write_text, set_threads, stable_seed
 from .backgrounds import llm_backgrounds
-from .cleaning import clean_caption, distinct_word_ratio, near_duplicate_mask, normalise
+from .cleaning import WordCounter, clean_caption, near_duplicate_mask, normalise
 from .concepts import ConceptList, generic_backgrounds, load_backgrounds, load_concepts
+from .files import (CAPTIONS_FILE, captions_path, count_captions, iter_captions, offsets_path,  # noqa: F401 - API
+                    read_captions, write_jsonl_with_offsets)
 from .llm_backends import SamplingSettings, make_backend
 from .prompts import load_example_pools, prompt_input
 from .requests import TEMPLATES, plan_requests
 
 LOG = logging.getLogger("synrep.captions")
-CAPTIONS_FILE = "captions.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
@@ -208,59 +213,146 @@ def run_captions(cfg: CaptionsConfig) -> Path:
 
 
 def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made: int) -> Path:
+    """Interleave the finished parts into ``captions.jsonl`` (ids 0..N-1 in file order) and write the summary.
+
+    The order is a uniformly random interleave seeded by ``cfg.seed`` (each part's own order kept): the
+    same as picking, line by line, a part with probability proportional to its lines left.
+    """
     out = Path(cfg.out_dir)
     parts = out / "parts"
-    records, per_concept = [], []
+    per_concept = []
     for i in range(len(concepts.concepts)):
         marker = parts / f"concept-{i:05d}.json"
         if not marker.exists():
             raise RuntimeError(f"concept {i} ({concepts.concepts[i].name}) has no finished part in {parts}; rerun the command")
         per_concept.append(json.loads(marker.read_text()))
-        for line in (parts / f"concept-{i:05d}.jsonl").read_text().splitlines():
-            records.append(json.loads(line))
-    for n, rec in enumerate(records):
-        rec["id"] = n
-    atomic_write_text(out / CAPTIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-    counts = [p["captions"] for p in per_concept]
+    counts = [int(p["captions"]) for p in per_concept]
+    templates: Counter = Counter()
+    words = WordCounter()
+    reader = _PartLines([parts / f"concept-{i:05d}.jsonl" for i in range(len(counts))], counts)
+
+    def lines() -> Iterator[bytes]:
+        n = 0
+        for block in interleave_order(counts, cfg.seed):
+            for part in block.tolist():
+                rec = json.loads(reader.next_line(part))
+                rec["id"] = n
+                n += 1
+                templates[rec.get("template")] += 1
+                words.add(rec["caption"])
+                yield (json.dumps(rec) + "\n").encode("utf-8")
+        reader.check_finished()
+
+    try:
+        written = write_jsonl_with_offsets(out / CAPTIONS_FILE, lines())
+    finally:
+        reader.close()
     summary = {
-        "captions": len(records), "concepts": len(concepts.concepts), "backend": cfg.backend,
+        "captions": written.records, "concepts": len(concepts.concepts), "backend": cfg.backend,
         "per_concept": {p["concept"]: p["captions"] for p in per_concept},
-        "per_template": dict(Counter(r["template"] for r in records)),
+        "per_template": dict(templates),
         "rejected": sum(p["rejected"] for p in per_concept), "duplicates": sum(p["duplicates"] for p in per_concept),
         "reject_reasons": dict(sum((Counter(p["reject_reasons"]) for p in per_concept), Counter())),
-        "distinct_word_ratio": round(distinct_word_ratio([r["caption"] for r in records]), 4),
+        "distinct_word_ratio": round(words.ratio(), 4),
         "min_per_concept": int(min(counts)), "max_per_concept": int(max(counts)),
         "seconds_this_run": round(seconds, 2), "captions_this_run": made,
         "captions_per_second": round(made / seconds, 2) if seconds > 0 and made else None,
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     LOG.info("captions: %d for %d concepts (%s per template; %d rejected, %d duplicates; distinct-word ratio %.3f) -> %s",
-             len(records), len(concepts.concepts), summary["per_template"], summary["rejected"], summary["duplicates"],
+             written.records, len(concepts.concepts), summary["per_template"], summary["rejected"], summary["duplicates"],
              summary["distinct_word_ratio"], out / CAPTIONS_FILE)
     return out / CAPTIONS_FILE
 
 
-def read_captions(path: str | Path) -> list[dict]:
-    """Read a captions JSONL; a malformed line raises ValueError naming the file and line number."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CAPTIONS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file {path} does not exist; write one with `synrep captions`")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
-            raise ValueError(f"{path}, line {number}: needs a non-empty string field 'caption'")
-        rec.setdefault("id", len(records))
-        rec.setdefault("concept", "")
-        records.append(rec)
-    if not records:
-        raise ValueError(f"captions file {path} is empty")
-    return records
+_ROUND = 500_000_000  # numpy's multivariate hypergeometric needs totals below 1e9: longer files go in rounds
 
+
+def interleave_order(counts: list[int], seed: int, block: int = 65536) -> Iterator[np.ndarray]:
+    """The part of every output line, in blocks: a uniformly random interleave of parts of these sizes.
+
+    A block of B lines takes its per-part counts from the multivariate hypergeometric distribution (the
+    counts in the first B places of a uniformly random arrangement) and shuffles them, so the whole is
+    exactly a uniform interleave, drawn in O(parts + B) memory. Above ``_ROUND`` lines the file is cut
+    into rounds that each take their share of every part (then each round is a uniform interleave).
+    """
+    rng = np.random.default_rng(stable_seed("captions-order", seed))
+    counts_arr = np.asarray(counts, dtype=np.int64)
+    names = np.arange(len(counts_arr))
+    rounds = max(1, -(-int(counts_arr.sum()) // _ROUND))
+    step = max(block, len(counts_arr))
+    for r in range(rounds):
+        remaining = counts_arr * (r + 1) // rounds - counts_arr * r // rounds
+        left = int(remaining.sum())
+        while left > 0:
+            take = min(step, left)
+            drawn = remaining.copy() if take == left else rng.multivariate_hypergeometric(remaining, take)
+            remaining -= drawn
+            left -= take
+            labels = np.repeat(names, drawn)
+            rng.shuffle(labels)
+            yield labels
+
+
+_MERGE_BUFFER_BYTES = 64 << 20  # read-ahead shared by all parts
+_MERGE_MAX_OPEN = 64  # part files kept open at once (least recently used closed first)
+
+
+class _PartLines:
+    """Next line of any of many part files, read ahead in chunks: memory O(parts + buffer), few open files."""
+
+    def __init__(self, paths: list[Path], counts: list[int]):
+        self.paths, self.remaining = paths, list(counts)
+        self.pos = [0] * len(paths)
+        self.buffers: list[list[bytes]] = [[] for _ in paths]
+        self.chunk = int(min(1 << 20, max(256, _MERGE_BUFFER_BYTES // max(len(paths), 1))))
+        self.handles: OrderedDict[int, object] = OrderedDict()
+
+    def next_line(self, i: int) -> bytes:
+        if self.remaining[i] <= 0:
+            raise RuntimeError(f"{self.paths[i]}: more lines wanted than its done-marker counts")
+        buf = self.buffers[i]
+        while not buf:
+            buf = self.buffers[i] = self._read(i)
+        self.remaining[i] -= 1
+        line = buf.pop()
+        if not self.remaining[i]:
+            self._close(i)
+        return line
+
+    def _read(self, i: int) -> list[bytes]:
+        fh = self.handles.get(i)
+        if fh is None:
+            fh = self.handles[i] = open(self.paths[i], "rb")
+            if len(self.handles) > _MERGE_MAX_OPEN:
+                self.handles.popitem(last=False)[1].close()
+        self.handles.move_to_end(i)
+        fh.seek(self.pos[i])
+        data = fh.read(self.chunk)
+        if data and not data.endswith(b"\n"):
+            data += fh.readline()
+        if not data:
+            raise RuntimeError(f"{self.paths[i]} has fewer lines than its done-marker counts; "
+                               "delete it and its .json marker and rerun")
+        self.pos[i] += len(data)
+        return [ln for ln in reversed(data.split(b"\n")) if ln.strip()]  # reversed: pop() takes the next
+
+    def _close(self, i: int) -> None:
+        fh = self.handles.pop(i, None)
+        if fh is not None:
+            fh.close()
+
+    def check_finished(self) -> None:
+        for i, path in enumerate(self.paths):
+            extra = bool(self.buffers[i])
+            if not extra and self.pos[i] < path.stat().st_size:
+                with open(path, "rb") as fh:
+                    fh.seek(self.pos[i])
+                    extra = any(line.strip() for line in fh)
+            if extra:
+                raise RuntimeError(f"{path} has more lines than its done-marker counts; delete it and its .json marker and rerun")
+
+    def close(self) -> None:
+        for fh in self.handles.values():
+            fh.close()
+        self.handles.clear()

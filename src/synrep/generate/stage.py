@@ -1,8 +1,9 @@
 """``synrep generate``: captions in, image shards out (StableRep/SynCLR stage 2).
 
 Captions are cut into shards of ``captions_per_shard`` in file order; shard k is drawn by rank
-``k mod world_size`` (static), in pipeline calls of ``batch_captions`` captions x n images. Image j of
-caption i starts from noise seeded by ``stable_seed(seed, i, j)`` (recorded in the metadata), so a
+``k mod world_size`` (static), which reads only that shard's lines of the captions file (found through
+the file's line-offset sidecar; no rank reads the file whole), in pipeline calls of ``batch_captions``
+captions x n images. Image j of caption i starts from noise seeded by ``stable_seed(seed, i, j)`` (recorded in the metadata), so a
 rerun, a resumed run, or a run on any number of ranks gives the same bytes. With ``views=latent``
 (GenRep) a caption's images start from ``(z + sigma * eps_j) / sqrt(1 + sigma^2)`` around one anchor z.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..captions.stage import read_captions
+from ..captions.stage import captions_path, count_captions, iter_captions
 from ..config import config_to_dict, save_config
 from ..distributed import barrier, init_distributed
 from ..plots import save_image_grid
@@ -160,10 +161,19 @@ def run_generate(cfg: GenerateConfig) -> Path:
     validate(cfg)
     set_threads(cfg.num_threads)
     info = init_distributed()  # gloo, for the barrier before rank 0 merges/indexes (no-op in one process)
-    records = read_captions(cfg.captions)
+    captions = captions_path(cfg.captions)
+    total = count_captions(captions)
+    if not total:
+        raise ValueError(f"captions file {captions} is empty")
     if cfg.limit_captions:
-        records = records[:cfg.limit_captions]
+        total = min(total, cfg.limit_captions)
     out = Path(cfg.out_dir)
+    shard_ranges = [(k, s, min(s + cfg.captions_per_shard, total)) for k, s in enumerate(range(0, total, cfg.captions_per_shard))]
+    mine = [r for r in shard_ranges if r[0] % info.world_size == info.rank]
+    todo = [r for r in mine if not shard_done(out / shard_name(r[0]))]
+    # This rank's captions, one shard at a time; the first is read before anything is written, so a bad
+    # line there fails the run with nothing touched (a bad line further on fails it when its shard comes).
+    first = list(iter_captions(captions, todo[0][1], todo[0][2])) if todo else []
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "generate_config.json"
     settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir")}
@@ -176,9 +186,6 @@ def run_generate(cfg: GenerateConfig) -> Path:
     if info.is_main:
         save_config(cfg, out)
         atomic_write_json(settings_file, settings_now)
-    shard_ranges = [(k, records[s:s + cfg.captions_per_shard]) for k, s in enumerate(range(0, len(records), cfg.captions_per_shard))]
-    mine = [(k, recs) for k, recs in shard_ranges if k % info.world_size == info.rank]
-    todo = [(k, recs) for k, recs in mine if not shard_done(out / shard_name(k))]
     if len(todo) < len(mine):
         LOG.info("resuming: %d of %d shards already complete", len(mine) - len(todo), len(mine))
     device = resolve_device(cfg.device)
@@ -189,10 +196,11 @@ def run_generate(cfg: GenerateConfig) -> Path:
         generator = make_generator(cfg.generator, device, cfg.dtype, cfg.attention_slicing, cfg.vae_slicing, cfg.cpu_offload, cfg.scheduler)
         settings = _settings(cfg)
         generator.check(settings)
-        total = sum(len(r) for _, r in todo) * cfg.images_per_caption
-        with tqdm(total=total, desc=f"generate ({generator.name})", unit="img", disable=not info.is_main, dynamic_ncols=True) as bar:
-            for k, recs in todo:
+        images = sum(stop - begin for _, begin, stop in todo) * cfg.images_per_caption
+        with tqdm(total=images, desc=f"generate ({generator.name})", unit="img", disable=not info.is_main, dynamic_ncols=True) as bar:
+            for n, (k, begin, stop) in enumerate(todo):
                 path = out / shard_name(k)
+                recs = first if n == 0 else list(iter_captions(captions, begin, stop))
                 try:
                     images_made += _write_shard(cfg, generator, settings, recs, path, bar)
                 except (GeneratorSpecError, KeyboardInterrupt):
