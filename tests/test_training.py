@@ -9,7 +9,7 @@ from synrep.training.augment import AugmentConfig, augment, multi_crop
 from synrep.training.backbones import BackboneConfig, build_backbone
 from synrep.training.export import EncoderError, load_encoder
 from synrep.training.loop import TrainConfig, TrainingError, lr_at, train
-from synrep.training.methods import MethodConfig, SynCLRMethod
+from synrep.training.methods import MethodConfig, SynCLR
 
 FAST = ["steps=12", "groups_per_batch=8", "images_per_group=4", "log_every=1", "warmup_steps=2", "base_lr=3e-3",
         "checkpoint_every=100", "augment.crop_scale_min=0.8", "augment.jitter_p=0", "augment.blur_p=0"]
@@ -53,7 +53,7 @@ def test_resume_gives_the_same_next_loss(shard_dir, tmp_path):
 
 def test_ema_teacher_follows_its_schedule():
     cfg = MethodConfig(ema_start=0.9, ema_end=1.0, num_prototypes=16, proj_hidden=32, proj_dim=8, teacher_temp_warmup_steps=10)
-    method = SynCLRMethod(BackboneConfig(name="vit-micro", embed_dim=16, depth=1, num_heads=2), cfg, AugmentConfig(), total_steps=100)
+    method = SynCLR(BackboneConfig(name="vit-micro", embed_dim=16, depth=1, num_heads=2), cfg, AugmentConfig(), num_classes=0, total_steps=100)
     assert method.momentum(0) == pytest.approx(0.9) and method.momentum(100) == pytest.approx(1.0)
     assert method.momentum(50) == pytest.approx(0.95)
     assert method.teacher_temperature(0) == pytest.approx(0.04) and method.teacher_temperature(10) == pytest.approx(0.07)
@@ -72,10 +72,79 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(55, 1.0, cfg) == pytest.approx(0.5) and lr_at(100, 1.0, cfg) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_nan_guard_stops_with_a_clear_message(shard_dir, tmp_path):
-    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path}", *FAST, "loss.temperature=0"])
+def test_nan_guard_stops_with_a_clear_message(shard_dir, tmp_path, monkeypatch):
+    from synrep.training import methods
+
+    monkeypatch.setattr(methods.StableRep, "extra_losses", lambda self, batch, feats: {"bad": feats.sum() * float("nan")})
+    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path}", *FAST])
     with pytest.raises(TrainingError, match="loss became nan"):
         train(cfg)
+
+
+@pytest.mark.parametrize("override, key", [("loss.temperature=-0.1", "loss.temperature"), ("backbone.width=0", "backbone.width"),
+                                           ("log_every=0", "log_every"), ("limit_groups=-1", "limit_groups"),
+                                           ("method=foo", "method"), ("augment.blur_p=2", "augment.blur_p"),
+                                           ("loader.prefetch_factor=0", "loader.prefetch_factor"), ("base_lr=-1", "base_lr")])
+def test_bad_values_fail_when_the_config_loads(override, key):
+    from synrep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(TrainConfig, None, [override])
+
+
+def test_a_new_method_is_one_class_and_one_registration(shard_dir, tmp_path):
+    from synrep.training.methods import METHODS, ContrastiveMethod, register_method
+
+    @register_method
+    class SameConceptOrCaption(ContrastiveMethod):  # a toy rule: positives share the concept (as SupCon), two views
+        name, positive_key, min_views = "toy-concept-2view", "concept", 2
+
+    try:
+        out = tmp_path / "toy"
+        train(load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={out}", "method=toy-concept-2view", *FAST, "steps=3"]))
+        assert len(_losses(out)) == 3 and load_encoder(out / "encoder")[1]["method"] == "toy-concept-2view"
+    finally:
+        METHODS.pop("toy-concept-2view")
+
+
+def test_resume_with_other_settings_is_refused_naming_them(shard_dir, tmp_path):
+    base = [f"data={shard_dir}", f"out_dir={tmp_path}", *FAST, "steps=4"]
+    train(load_config(TrainConfig, None, [*base, "stop_after=2"]))
+    with pytest.raises(TrainingError, match=r"base_lr: 0.003 -> 0.01.*--no-resume"):
+        train(load_config(TrainConfig, None, [*base, "base_lr=0.01"]))
+    train(load_config(TrainConfig, None, [*base, "log_every=2"]))  # reporting settings may change
+    assert json.loads((tmp_path / "encoder" / "encoder.json").read_text())["steps"] == 4
+
+
+def test_crash_after_a_checkpoint_resumes_without_duplicate_metrics(shard_dir, tmp_path, monkeypatch):
+    from synrep.training import methods
+
+    real = methods.StableRep.after_step
+
+    def crash_once(self, step):
+        if step == 4 and not getattr(methods, "_crashed", False):
+            methods._crashed = True
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, step)
+
+    monkeypatch.setattr(methods.StableRep, "after_step", crash_once)
+    monkeypatch.setattr(methods, "_crashed", False, raising=False)
+    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path}", *FAST, "steps=6", "checkpoint_every=3"])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    train(cfg)
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_export_replaces_a_folder_atomically(tmp_path):
+    from synrep.training.export import export_encoder, is_exported
+
+    net = build_backbone(BackboneConfig())
+    folder = export_encoder(net, BackboneConfig(), tmp_path / "encoder", {"method": "a"})
+    assert is_exported(folder) and not (tmp_path / ".encoder.tmp").exists()
+    export_encoder(net, BackboneConfig(), folder, {"method": "b"})
+    assert load_encoder(folder)[1]["method"] == "b" and sorted(p.name for p in tmp_path.iterdir()) == ["encoder"]
 
 
 def test_augmentations_are_seeded_and_keep_shape():

@@ -24,6 +24,34 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or a value of the wrong type."""
 
 
+class InvalidValue(ConfigError):
+    """A config value of the right type but outside what is allowed (``key`` is the dotted key)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"config key '{key}': {message}")
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise :class:`InvalidValue` for ``key`` unless ``ok`` (for a config class's ``check()``)."""
+    if not ok:
+        raise InvalidValue(key, message)
+
+
+def check_config(cfg: Any, prefix: str = "") -> None:
+    """Run ``check()`` of ``cfg`` and of every nested config section; errors carry the full dotted key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, prefix + f.name + ".")
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        try:
+            check()
+        except InvalidValue as err:
+            raise InvalidValue(prefix + err.key, err.message) from None
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -180,14 +208,16 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides."""
+    """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides, and check its values."""
     cfg = cls()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -196,7 +226,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
             cfg = _merge(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def _merge(cfg: T, data: dict, prefix: str = "") -> T:

@@ -20,6 +20,7 @@ from .evaluation.stage import EvalConfig, evaluate, headline
 from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
 from .shards import INDEX_FILE
+from .training.export import is_exported
 from .training.loop import TrainConfig, train
 from .utils import atomic_write_json
 
@@ -85,7 +86,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         _timed(timings, "generate", run_generate, cfg.generate)
         atomic_write_json(timings_path, timings)
 
-    if (root / "train" / "encoder" / "model.safetensors").exists():
+    if is_exported(root / "train" / "encoder"):
         LOG.info("[3/4] training: complete, skipped")
     else:
         LOG.info("[3/4] training: %s on %s, %d steps", cfg.train.method, cfg.train.backbone.name, cfg.train.steps)

@@ -30,6 +30,18 @@ class AugmentConfig:
     local_scale_min: float = 0.1
     local_scale_max: float = 0.4
 
+    def check(self) -> None:
+        from ..config import require
+
+        for lo, hi in (("crop_scale_min", "crop_scale_max"), ("local_scale_min", "local_scale_max")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            require(0 < a <= b <= 1, lo, f"{lo}={a} and {hi}={b} must satisfy 0 < {lo} <= {hi} <= 1")
+        for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "downsample_p"):
+            require(0 <= getattr(self, key) <= 1, key, f"is a probability: must be in [0, 1], got {getattr(self, key)}")
+        for key in ("brightness", "contrast", "saturation", "hue"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.local_crops >= 0 and self.local_size >= 1, "local_crops", "local_crops must be >= 0 and local_size >= 1")
+
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
     return torch.rand(n, generator=g).to(device) * (hi - lo) + lo

@@ -35,6 +35,17 @@ class BackboneConfig:
     num_heads: int = 0
     conv_stem: bool = False  # ViT only: a convolutional stem instead of one big patchify conv (Xiao et al. 2021)
 
+    def check(self) -> None:
+        from ..config import require
+
+        require(self.name in BACKBONES[:-1] or self.name.startswith("timm:"), "name",
+                f"{self.name!r} is not allowed; choose one of {', '.join(BACKBONES)}")
+        require(self.in_channels in (1, 3), "in_channels", f"must be 1 or 3, got {self.in_channels}")
+        for key in ("image_size", "patch_size", "width"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("embed_dim", "depth", "num_heads"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0 (0 = the size's default), got {getattr(self, key)}")
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import require
 from ..sources import Source, SourceError, UnitTable, open_training_source
 from ..streaming import BatchSpec, GroupBatchStream, ShortGroups, batch_loader, steps_per_epoch
 
@@ -29,6 +30,11 @@ class LoaderConfig:
     load_size: int = 0  # px the workers resize (shorter side) + centre-crop to; 0 = backbone.image_size
     allow_resize: bool = True  # false: stored images must already be load_size (an error otherwise)
     real_split: str = "train"  # the split a real:<dataset> source trains on
+
+    def check(self) -> None:
+        for key in ("num_workers", "shuffle_buffer", "load_size"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.prefetch_factor >= 1, "prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
 
 
 class LimitedSource(Source):
@@ -81,11 +87,6 @@ def check_data(source: Source, groups_per_batch: int, images_per_group: int, sho
                               f"(backbone.image_size={image_size}, loader.load_size={loader.load_size}) and loader.allow_resize=false")
         if min(stored[0], stored[1]) < size:
             LOG.warning("%s stores %dx%d images: they are upscaled to %d px for the backbone", source.description, stored[0], stored[1], size)
-    for name, value in (("num_workers", loader.num_workers), ("shuffle_buffer", loader.shuffle_buffer)):
-        if value < 0:
-            raise SourceError(f"loader.{name} must be >= 0, got {value}")
-    if loader.prefetch_factor < 1:
-        raise SourceError(f"loader.prefetch_factor must be >= 1, got {loader.prefetch_factor}")
     return size
 
 

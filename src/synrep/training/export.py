@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,18 +25,34 @@ class EncoderError(RuntimeError):
 
 def export_encoder(backbone: torch.nn.Module, backbone_cfg: BackboneConfig, folder: str | Path, info: dict,
                    card: str | None = None) -> Path:
+    """Write ``folder`` (weights, ``encoder.json``, card) atomically: built under a temporary name, then renamed.
+
+    A kill at any moment leaves either the previous complete export or the new one, never a mix.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "synrep-encoder"})
-    tmp.replace(folder / WEIGHTS_FILE)
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "synrep-encoder"})
     meta = {"type": "synrep-encoder", "backbone": asdict(backbone_cfg), "feature_dim": int(backbone.feature_dim),
             "input": "float images in [0, 1], normalised as (x - 0.5) / 0.5", **info}
-    (folder / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if card:
-        (folder / "MODEL_CARD.md").write_text(card)
+        (tmp / "MODEL_CARD.md").write_text(card)
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def is_exported(folder: str | Path) -> bool:
+    """True when ``folder`` is a complete export (both files; the folder appears only when complete)."""
+    folder = Path(folder)
+    return (folder / WEIGHTS_FILE).is_file() and (folder / ENCODER_FILE).is_file()
 
 
 def load_encoder(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:

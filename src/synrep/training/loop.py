@@ -11,28 +11,30 @@ resumed from step k continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import config_to_dict, save_config
+from ..config import check_config, config_to_dict, require, save_config
 from ..distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..plots import save_metrics_curve
-from ..utils import append_jsonl, atomic_torch_save, read_jsonl, set_threads, stable_seed
+from ..utils import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl, set_threads, stable_seed
 from .augment import AugmentConfig
 from .backbones import BackboneConfig
 from ..sources import Source
 from ..streaming import BatchSpec, ShortGroups, steps_per_epoch
 from .data import LoaderConfig, check_data, make_batches, open_data, to_device
 from .export import export_encoder
-from .methods import METHODS, MethodConfig, SynCLRMethod, build_method
+from .methods import METHODS, MethodConfig, build_method
 
 LOG = logging.getLogger("synrep.train")
 CHECKPOINT = "checkpoint.pt"
@@ -57,7 +59,7 @@ class TrainConfig:
     short_groups: ShortGroups = "error"
     steps: int = 300
     base_lr: float = 1e-3
-    lr_scaling: str = "linear"  # linear | sqrt | none, relative to a global batch of 256
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # relative to a global batch of 256
     warmup_steps: int = 30
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
@@ -71,6 +73,16 @@ class TrainConfig:
     limit_groups: int = 0
     resume: bool = True
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this call: for tests and preemption drills
+
+    def check(self) -> None:
+        require(self.method in METHODS, "method", f"{self.method!r} is not allowed; choose one of {', '.join(METHODS)}")
+        for key in ("steps", "groups_per_batch", "images_per_group", "log_every", "checkpoint_every"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("limit_groups", "warmup_steps", "stop_after", "num_threads", "weight_decay"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(math.isfinite(self.base_lr) and self.base_lr > 0, "base_lr", f"must be a positive number, got {self.base_lr}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
 
 
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
@@ -94,13 +106,8 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.method not in METHODS:
-        raise TrainingError(f"method={cfg.method!r} is not allowed; choose one of {', '.join(METHODS)}")
-    for key in ("steps", "groups_per_batch", "images_per_group", "log_every", "checkpoint_every"):
-        if getattr(cfg, key) < 1:
-            raise TrainingError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.limit_groups < 0:
-        raise TrainingError(f"limit_groups must be >= 0 (0 = all groups), got {cfg.limit_groups}")
+    """Check every value (also done when the config loads; here for configs built in code)."""
+    check_config(cfg)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -112,12 +119,43 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Keys that may change between a run and its resume: where it writes and how often it reports, not what it learns.
+RESUMABLE_CHANGES = {"out_dir", "resume", "stop_after", "num_threads", "log_every", "checkpoint_every", "device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
+    """Refuse to resume from a checkpoint written with other training settings (listing them)."""
+    now, before = _flat(config_to_dict(cfg)), _flat(saved)
+    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise TrainingError(f"{ckpt} was written with other settings ({'; '.join(changed)}); resuming would mix two runs. "
+                            f"Use a new out_dir, or start over in this one with --no-resume (resume=false)")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Remove metrics rows logged after the checkpoint's step (they will be logged again)."""
+    rows = read_jsonl(path) if path.exists() else []
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def _check_method(cfg: TrainConfig, source: Source) -> None:
-    if cfg.method in ("stablerep", "stablerep+", "synclr") and source.images_per_group == 1 and cfg.loss.views < 2:
+    method = METHODS[cfg.method]
+    if method.needs_multiple_images and source.images_per_group == 1 and cfg.loss.views < 2:
         raise TrainingError(f"method {cfg.method} needs several images per caption (or loss.views>=2); "
                             f"{source.description} has one per group")
-    if cfg.method == "stablerep+" and not source.captioned:
-        raise TrainingError(f"method stablerep+ needs captions; {source.description} has none (use a synthetic shard folder)")
+    if method.needs_captions and not source.captioned:
+        raise TrainingError(f"method {cfg.method} needs captions; {source.description} has none (use a synthetic shard folder)")
+    if method.needs_patch_tokens and not cfg.backbone.name.startswith("vit"):
+        raise TrainingError(f"method {cfg.method} needs a ViT backbone (patch tokens), not backbone.name={cfg.backbone.name!r}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -149,6 +187,7 @@ def train(cfg: TrainConfig) -> Path:
                   "shuffle_buffer": cfg.loader.shuffle_buffer}
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        _check_same_run(cfg, state.get("config", {}), ckpt)
         before = state.get("data", {})
         changed = [f"{k} {before[k]} -> {v}" for k, v in data_state.items() if k in before and before[k] != v]
         if changed:
@@ -159,12 +198,14 @@ def train(cfg: TrainConfig) -> Path:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
+        if info.is_main:
+            _drop_metrics_after(out / METRICS, step)
         LOG.info("resumed from %s at step %d", ckpt, step)
     elif info.is_main and (out / METRICS).exists():
         (out / METRICS).unlink()
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else model
     spec = BatchSpec(cfg.groups_per_batch, cfg.images_per_group, load_size, cfg.backbone.in_channels, cfg.short_groups,
-                     cfg.loader.shuffle_buffer, cfg.seed, captions=cfg.method == "stablerep+")
+                     cfg.loader.shuffle_buffer, cfg.seed, captions=METHODS[cfg.method].needs_captions)
     _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"))
     batch_images = cfg.groups_per_batch * cfg.images_per_group
     LOG.info("training %s on %s: %d steps per epoch, backbone %s (%.2fM params, %d px, %d channel(s)), global batch %d, "
@@ -199,11 +240,7 @@ def train(cfg: TrainConfig) -> Path:
         record = {"step": step + 1, "loss": all_reduce_mean(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
                   "epoch": int(loaded["epoch"])}
         record.update({k: all_reduce_mean(v.item()) for k, v in terms.items()})
-        if isinstance(model, SynCLRMethod):
-            record["ema_momentum"] = model.update_teacher(step)
-            record["teacher_temp"] = model.teacher_temperature(step)
-        if hasattr(model, "logit_scale"):
-            record["logit_scale"] = float(model.logit_scale.detach().exp())
+        record.update(model.after_step(step))
         step += 1
         done_this_call += 1
         window_images += len(batch["images"]) * info.world_size

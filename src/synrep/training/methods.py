@@ -1,7 +1,10 @@
-"""Training methods: the backbone plus the heads and loss terms each method needs.
+"""Training methods: the backbone plus the heads and loss terms each method needs, in one registry.
 
-Each method is an ``nn.Module`` whose ``forward(batch)`` returns a dict of named loss terms (summed
-by the loop). A batch carries float images ``[B, C, H, W]`` in [0, 1] plus int ids ``group`` (the
+Each method is a :class:`Method` subclass registered with :func:`register_method`; it declares what it
+needs from the data (``needs_multiple_images``, ``needs_captions``, ``needs_patch_tokens``) and the loop
+asks the class instead of checking names. ``forward(batch, generator, step)`` returns a dict of named loss
+terms (summed by the loop); ``after_step(step)`` runs after each optimizer step (an EMA teacher update)
+and returns values to log. Adding a method is one class and its ``@register_method`` line. A batch carries float images ``[B, C, H, W]`` in [0, 1] plus int ids ``group`` (the
 caption), ``concept`` (the class) and ``image`` (unique per image across ranks), and for StableRep+
 the group's caption embedding ``text`` ``[B, 384]``.
 
@@ -20,18 +23,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import require
 from ..distributed import gather_no_grad, gather_with_grad, get_rank
 from .augment import AugmentConfig, augment, multi_crop
 from .backbones import BackboneConfig, VisionTransformer, build_backbone
 from .losses import image_text_contrastive, masked_token_distillation, multi_positive_contrastive, sinkhorn_knopp
-
-METHODS = ("simclr", "supcon", "stablerep", "stablerep+", "synclr", "supervised")
-
 
 @dataclass
 class MethodConfig:
@@ -54,6 +56,17 @@ class MethodConfig:
     ema_start: float = 0.994
     ema_end: float = 1.0
 
+    def check(self) -> None:
+        for key in ("temperature", "student_temp", "teacher_temp", "teacher_temp_warmup", "logit_scale_init", "logit_scale_max"):
+            value = getattr(self, key)
+            require(math.isfinite(value) and value > 0, key, f"must be a positive number, got {value}")
+        for key in ("views", "proj_dim", "proj_hidden", "text_dim", "num_prototypes"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("mask_image_prob", "mask_ratio", "ema_start", "ema_end"):
+            require(0 <= getattr(self, key) <= 1, key, f"must be in [0, 1], got {getattr(self, key)}")
+        for key in ("text_weight", "mim_weight", "teacher_temp_warmup_steps"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> the [-1, 1] range every backbone sees (training and evaluation alike)."""
@@ -71,22 +84,53 @@ def _gathered_loss(z: torch.Tensor, ids: torch.Tensor, temperature: float) -> to
     return multi_positive_contrastive(z, ids, keys, key_ids, temperature, anchor_offset=get_rank() * z.shape[0])
 
 
-class ContrastiveMethod(nn.Module):
-    """simclr, supcon, stablerep, stablerep+: V augmented views per image, a projection head, one loss."""
+class Method(nn.Module):
+    """A training method: ``self.backbone`` (the encoder that is exported) plus heads and a loss."""
 
-    def __init__(self, name: str, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig):
+    name: ClassVar[str] = ""
+    needs_multiple_images: ClassVar[bool] = False  # positives are the other images of a caption
+    needs_captions: ClassVar[bool] = False  # the batch must carry caption embeddings (``text``)
+    needs_patch_tokens: ClassVar[bool] = False  # masked image modelling: a ViT backbone
+
+    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
         super().__init__()
-        self.name, self.cfg, self.aug = name, cfg, aug
+        self.cfg, self.aug, self.total_steps = cfg, aug, total_steps
         self.backbone = build_backbone(backbone_cfg)
         self.image_size = backbone_cfg.image_size
+        if self.needs_patch_tokens and not isinstance(self.backbone, VisionTransformer):
+            raise ValueError(f"method {self.name} needs a ViT backbone (patch tokens for masked modelling), not {backbone_cfg.name!r}")
+
+    def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called after the optimizer step ``step``; returns values to log."""
+        return {}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method=<cls.name>``."""
+    if not cls.name or cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+class ContrastiveMethod(Method):
+    """V augmented views per image, a projection head, and the multi-positive loss over ``positive_key`` ids."""
+
+    positive_key: ClassVar[str] = "group"  # batch key whose equal ids are positives
+    min_views: ClassVar[int] = 1
+
+    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
+        super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
         self.projector = mlp(self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)
-        if name == "stablerep+":
-            self.image_to_text = nn.Linear(self.backbone.feature_dim, cfg.proj_dim)
-            self.text_projector = mlp(cfg.text_dim, cfg.proj_hidden, cfg.proj_dim)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
 
     def views(self) -> int:
-        return max(2, self.cfg.views) if self.name == "simclr" else max(1, self.cfg.views)
+        return max(self.min_views, self.cfg.views)
 
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = batch["images"]
@@ -94,24 +138,64 @@ class ContrastiveMethod(nn.Module):
         viewed = torch.cat([augment(x, generator, self.aug, size=self.image_size) for _ in range(v)])  # [V*B, C, H, W]
         feats = self.backbone(normalize_images(viewed))
         z = F.normalize(self.projector(feats), dim=-1)
-        key = {"simclr": "image", "supcon": "concept"}.get(self.name, "group")
-        ids = batch[key].repeat(v)
+        ids = batch[self.positive_key].repeat(v)
         # Keep anchors of one rank contiguous in the gathered batch: [views x local batch] per rank.
-        losses = {"contrastive": _gathered_loss(z, ids, self.cfg.temperature)}
-        if self.name == "stablerep+":
-            image_emb = F.normalize(self.image_to_text(feats[: len(x)]), dim=-1)
-            groups, first = torch.unique(batch["group"], return_inverse=True)
-            text_src = torch.zeros(len(groups), batch["text"].shape[1], dtype=batch["text"].dtype, device=x.device)
-            text_src[first] = batch["text"]
-            text_emb = F.normalize(self.text_projector(text_src), dim=-1)
-            image_all = gather_with_grad(image_emb)
-            text_all = gather_with_grad(text_emb)
-            group_all = gather_no_grad(batch["group"]) if image_all is not image_emb else batch["group"]
-            text_group_all = gather_no_grad(groups) if text_all is not text_emb else groups
-            text_group_all, keep = _unique_first(text_group_all)
-            scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
-            losses["image_text"] = self.cfg.text_weight * image_text_contrastive(image_all, group_all, text_all[keep], text_group_all, scale)
-        return losses
+        return {"contrastive": _gathered_loss(z, ids, self.cfg.temperature), **self.extra_losses(batch, feats[: len(x)])}
+
+    def extra_losses(self, batch: dict, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """More loss terms from the first view's features ``[B, D]`` (none here)."""
+        return {}
+
+
+@register_method
+class SimCLR(ContrastiveMethod):
+    """Instance discrimination: two views of the same image are the only positives."""
+
+    name, positive_key, min_views = "simclr", "image", 2
+
+
+@register_method
+class SupCon(ContrastiveMethod):
+    """Supervised contrastive by concept: every image of the same concept is a positive."""
+
+    name, positive_key = "supcon", "concept"
+
+
+@register_method
+class StableRep(ContrastiveMethod):
+    """StableRep: the images of one caption are each other's positives (multi-positive loss)."""
+
+    name, positive_key, needs_multiple_images = "stablerep", "group", True
+
+
+@register_method
+class StableRepPlus(StableRep):
+    """StableRep+: StableRep plus a multi-positive image-text loss (frozen MiniLM + trainable text projection)."""
+
+    name, needs_captions = "stablerep+", True
+
+    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
+        super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
+        self.image_to_text = nn.Linear(self.backbone.feature_dim, cfg.proj_dim)
+        self.text_projector = mlp(cfg.text_dim, cfg.proj_hidden, cfg.proj_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    def extra_losses(self, batch: dict, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_emb = F.normalize(self.image_to_text(feats), dim=-1)
+        groups, first = torch.unique(batch["group"], return_inverse=True)
+        text_src = torch.zeros(len(groups), batch["text"].shape[1], dtype=batch["text"].dtype, device=feats.device)
+        text_src[first] = batch["text"]
+        text_emb = F.normalize(self.text_projector(text_src), dim=-1)
+        image_all = gather_with_grad(image_emb)
+        text_all = gather_with_grad(text_emb)
+        group_all = gather_no_grad(batch["group"]) if image_all is not image_emb else batch["group"]
+        text_group_all = gather_no_grad(groups) if text_all is not text_emb else groups
+        text_group_all, keep = _unique_first(text_group_all)
+        scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+        return {"image_text": self.cfg.text_weight * image_text_contrastive(image_all, group_all, text_all[keep], text_group_all, scale)}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {"logit_scale": float(self.logit_scale.detach().exp())}
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +207,14 @@ def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[positions], positions
 
 
-class SupervisedMethod(nn.Module):
+@register_method
+class Supervised(Method):
     """Cross-entropy on the concept/label ids through a linear classifier on the backbone."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int):
-        super().__init__()
-        self.name, self.cfg, self.aug = "supervised", cfg, aug
-        self.backbone = build_backbone(backbone_cfg)
-        self.image_size = backbone_cfg.image_size
+    name = "supervised"
+
+    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
+        super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
         self.classifier = nn.Linear(self.backbone.feature_dim, num_classes)
 
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
@@ -138,16 +222,14 @@ class SupervisedMethod(nn.Module):
         return {"cross_entropy": F.cross_entropy(self.classifier(self.backbone(normalize_images(x))), batch["concept"])}
 
 
-class SynCLRMethod(nn.Module):
+@register_method
+class SynCLR(Method):
     """Multi-positive contrastive on multi-crop views + iBOT masked image modelling with an EMA teacher."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, total_steps: int):
-        super().__init__()
-        self.name, self.cfg, self.aug, self.total_steps = "synclr", cfg, aug, total_steps
-        self.backbone = build_backbone(backbone_cfg)
-        self.image_size = backbone_cfg.image_size
-        if not isinstance(self.backbone, VisionTransformer):
-            raise ValueError(f"method synclr needs a ViT backbone (patch tokens for masked modelling), not {backbone_cfg.name!r}")
+    name, needs_multiple_images, needs_patch_tokens = "synclr", True, True
+
+    def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
+        super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
         dim = self.backbone.feature_dim
         self.projector = mlp(dim, cfg.proj_hidden, cfg.proj_dim)
         self.patch_head = mlp(dim, cfg.proj_hidden, cfg.num_prototypes)
@@ -174,6 +256,9 @@ class SynCLRMethod(nn.Module):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
         return m
 
+    def after_step(self, step: int) -> dict[str, float]:
+        return {"ema_momentum": self.update_teacher(step), "teacher_temp": self.teacher_temperature(step)}
+
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x = batch["images"]
         b = len(x)
@@ -198,12 +283,9 @@ class SynCLRMethod(nn.Module):
         return losses
 
 
+
 def build_method(name: str, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int,
-                 total_steps: int) -> nn.Module:
-    if name in ("simclr", "supcon", "stablerep", "stablerep+"):
-        return ContrastiveMethod(name, backbone_cfg, cfg, aug)
-    if name == "synclr":
-        return SynCLRMethod(backbone_cfg, cfg, aug, total_steps)
-    if name == "supervised":
-        return SupervisedMethod(backbone_cfg, cfg, aug, num_classes)
-    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+                 total_steps: int) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](backbone_cfg, cfg, aug, num_classes, total_steps)
