@@ -74,12 +74,17 @@ def test_bad_inputs_are_clear_and_leave_outputs_intact(random_generator_dir, cap
         run_generate(GenerateConfig(captions=str(tmp_path / "empty.jsonl"), out_dir=str(tmp_path / "x"), generator=gen))
     for kwargs, message in [({"generator": "dalle"}, "unknown generator"), ({"generator": f"diffusers:{tmp_path}"}, "not a diffusers pipeline"),
                             ({"images_per_caption": 0}, "images_per_caption"), ({"guidance_scale": -1}, "guidance_scale"),
+                            ({"guidance_scale": float("nan")}, "guidance_scale"), ({"limit_captions": -198}, "limit_captions"),
                             ({"height": 30}, "28x28"), ({"views": "latent", "sigma": 0}, "sigma")]:
         with pytest.raises((ValueError, GeneratorSpecError), match=message):
             run_generate(GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "x"), **{"generator": gen, **kwargs}))
     good = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "good"), generator=gen, limit_captions=4, steps=2, preview=False)
     run_generate(good)
     before = _digests(tmp_path / "good")
+    stale = tmp_path / "good" / ".shard-00000.tar.tmp"  # left by a run killed while writing
+    stale.write_bytes(b"partial")
+    run_generate(good)
+    assert not stale.exists() and _digests(tmp_path / "good") == before
     with pytest.raises(ValueError, match="different settings"):
         run_generate(GenerateConfig(**{**good.__dict__, "guidance_scale": 7.0}))
     assert _digests(tmp_path / "good") == before

@@ -16,13 +16,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..captions.stage import captions_path, count_captions, iter_captions
-from ..config import config_to_dict, save_config
+from ..config import check_config, config_to_dict, require, save_config
 from ..distributed import barrier, init_distributed
 from ..plots import save_image_grid
 from ..shards import ShardWriter, list_shards, read_shard, shard_done, shard_name, write_index
@@ -41,18 +42,18 @@ class GenerateConfig:
     images_per_caption: int = 4
     guidance_scale: float = 2.5
     steps: int = 10
-    scheduler: str = "ddim"
+    scheduler: Literal["ddim", "dpm", "euler"] = "ddim"
     negative_prompt: str = ""
     height: int = 0
     width: int = 0
     store_size: int = 0
-    dtype: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: str = "auto"
-    views: str = "independent"
+    views: Literal["independent", "latent"] = "independent"
     sigma: float = 0.5
     captions_per_shard: int = 100
     batch_captions: int = 16
-    image_format: str = "png"
+    image_format: Literal["png", "jpg"] = "png"
     seed: int = 0
     preview: bool = True
     attention_slicing: bool = False
@@ -61,24 +62,20 @@ class GenerateConfig:
     limit_captions: int = 0
     num_threads: int = 0
 
+    def check(self) -> None:
+        for key in ("images_per_caption", "steps", "captions_per_shard", "batch_captions"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("height", "width", "store_size", "limit_captions", "num_threads"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0 (0 = the default), got {getattr(self, key)}")
+        require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
+                f"must be a finite number >= 0, got {self.guidance_scale}")
+        require(math.isfinite(self.sigma) and (self.sigma > 0 or self.views != "latent"), "sigma",
+                f"must be a finite number > 0 for latent views, got {self.sigma}")
+
 
 def validate(cfg: GenerateConfig) -> None:
-    if cfg.images_per_caption < 1:
-        raise ValueError(f"images_per_caption must be >= 1, got {cfg.images_per_caption}")
-    if cfg.guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.views not in ("independent", "latent"):
-        raise ValueError(f"views={cfg.views!r} is not allowed; choose independent or latent")
-    if cfg.views == "latent" and cfg.sigma <= 0:
-        raise ValueError(f"sigma must be > 0 for latent views, got {cfg.sigma}")
-    if cfg.captions_per_shard < 1 or cfg.batch_captions < 1:
-        raise ValueError("captions_per_shard and batch_captions must be >= 1")
-    if cfg.image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format={cfg.image_format!r} is not allowed; choose png or jpg")
-    if cfg.store_size < 0:
-        raise ValueError(f"store_size must be >= 0 (0 keeps the generated size), got {cfg.store_size}")
+    """Check every value (also done when the config loads; here for configs built in code)."""
+    check_config(cfg)
 
 
 def resolve_device(device: str) -> str:
@@ -186,6 +183,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     if info.is_main:
         save_config(cfg, out)
         atomic_write_json(settings_file, settings_now)
+    for k, _, _ in mine:  # partial files of this rank's shards left by a killed run (never visible as shards)
+        (out / f".{shard_name(k)}.tmp").unlink(missing_ok=True)
     if len(todo) < len(mine):
         LOG.info("resuming: %d of %d shards already complete", len(mine) - len(todo), len(mine))
     device = resolve_device(cfg.device)
