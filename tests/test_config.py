@@ -1,9 +1,11 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
 from synrep.config import ConfigError, load_config, save_config
+from synrep.training.loop import TrainConfig
 
 
 @dataclass
@@ -57,3 +59,25 @@ def test_bad_yaml_key_names_file(tmp_path):
     path.write_text("inner:\n  colour: red\n")
     with pytest.raises(ConfigError, match=r"c.yaml.*inner.colour"):
         load_config(Outer, path)
+
+
+@pytest.mark.parametrize("command, override, key", [
+    ("run", "baselines=[pixels,foo]", "baselines[1]"),
+    ("run", "train.images_per_group=6", "train.images_per_group"),
+    ("run", "train.steps=0", "train.steps"),
+    ("run", "generate.guidance_scale=nan", "generate.guidance_scale"),
+    ("generate", "scheduler=plms", "scheduler"),
+    ("train", "augment.crop_scale_min=0", "augment.crop_scale_min"),
+])
+def test_every_value_is_checked_when_the_config_loads(command, override, key):
+    from synrep.cli import _config_class
+
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+        load_config(_config_class(command, None), None, [override])
+
+
+def test_binary_config_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="bad.yaml is not UTF-8"):
+        load_config(TrainConfig, bad)

@@ -13,9 +13,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .captions.stage import CaptionsConfig, run_captions
-from .config import save_config
+from .config import require, save_config
 from .evaluation.stage import EvalConfig, evaluate, headline
 from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
@@ -30,12 +31,19 @@ LOG = logging.getLogger("synrep.run")
 @dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
-    baselines: list[str] = field(default_factory=lambda: ["pixels", "random"])
+    baselines: list[Literal["pixels", "random"]] = field(default_factory=lambda: ["pixels", "random"])
     num_threads: int = 0
     captions: CaptionsConfig = field(default_factory=lambda: CaptionsConfig(per_concept=100))
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(images_per_caption=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, warmup_steps=50, groups_per_batch=64, images_per_group=4))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=20000))
+
+    def check(self) -> None:
+        """Across stages (each stage's own values are checked by its section's ``check``)."""
+        require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
+        if self.train.short_groups != "fewer":
+            require(self.train.images_per_group <= self.generate.images_per_caption, "train.images_per_group",
+                    f"{self.train.images_per_group} is more than generate.images_per_caption={self.generate.images_per_caption}")
 
 
 QUICK_OVERRIDES = [
