@@ -22,7 +22,7 @@ def test_command_help_lists_every_config_key_with_type_and_default(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "loader.num_workers" in out and "backbone.image_size" in out
-    assert "short_groups" in out and "one of 'error', 'fewer', 'skip'" in out and "(default 'error')" in out
+    assert "short_groups" in out and "one of 'error', 'fewer', 'skip'" in out and "default 'error'" in out
 
 
 def test_bad_override_is_a_clear_error_with_exit_code_2(capsys):

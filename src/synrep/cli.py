@@ -78,10 +78,10 @@ class _HelpWithKeys(argparse.Action):
             rows = describe_keys(_config_class(command, "train" if command == "generator" else None))
         except ConfigError:
             parser.exit()
-        width = max(len(k) for k, _, _ in rows)
+        width = max(len(k) for k, *_ in rows)
         print("\nconfig keys (key=value; nested keys with dots):")
-        for key, kind, default in rows:
-            print(f"  {key.ljust(width)}  {kind}  (default {default})")
+        for key, kind, default, meaning in rows:
+            print(f"  {key.ljust(width)}  {kind}, default {default}" + (f": {meaning}" if meaning else ""))
         parser.exit()
 
 

@@ -245,16 +245,35 @@ def _merge(cfg: T, data: dict, prefix: str = "") -> T:
     return dataclasses.replace(cfg, **updates)
 
 
-def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, type or choices, default)`` for every leaf key of a config dataclass (for ``--help``)."""
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a config class's source: its one line of meaning."""
+    import inspect
+    import re
+
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted key, type or choices, default, meaning)`` for every leaf key of a config class (for ``--help``)."""
     rows = []
     defaults = cls()
+    comments = field_comments(cls)
     for name, tp in _field_types(cls).items():
         value = getattr(defaults, name)
         if dataclasses.is_dataclass(value):
             rows += describe_keys(type(value), prefix + name + ".")
         else:
-            rows.append((prefix + name, _describe(tp), repr(value)))
+            rows.append((prefix + name, _describe(tp), repr(value), comments.get(name, "")))
     return rows
 
 

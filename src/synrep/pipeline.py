@@ -30,9 +30,9 @@ LOG = logging.getLogger("synrep.run")
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/demo"
-    baselines: list[Literal["pixels", "random"]] = field(default_factory=lambda: ["pixels", "random"])
-    num_threads: int = 0
+    out_dir: str = "runs/demo"  # run folder: captions/, shards/, train/, eval/, report.md
+    baselines: list[Literal["pixels", "random"]] = field(default_factory=lambda: ["pixels", "random"])  # reference encoders evaluated beside the trained one: pixels, random
+    num_threads: int = 0  # torch CPU threads for every stage (0 = each stage's own setting)
     captions: CaptionsConfig = field(default_factory=lambda: CaptionsConfig(per_concept=100))
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(images_per_caption=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, warmup_steps=50, groups_per_batch=64, images_per_group=4))

@@ -36,31 +36,31 @@ SUMMARY_FILE = "generate_summary.json"
 
 @dataclass
 class GenerateConfig:
-    captions: str = "runs/captions/captions.jsonl"
-    out_dir: str = "runs/shards"
-    generator: str = "embedded"
-    images_per_caption: int = 4
-    guidance_scale: float = 2.5
-    steps: int = 10
-    scheduler: Literal["ddim", "dpm", "euler"] = "ddim"
-    negative_prompt: str = ""
-    height: int = 0
-    width: int = 0
-    store_size: int = 0
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    device: str = "auto"
-    views: Literal["independent", "latent"] = "independent"
-    sigma: float = 0.5
-    captions_per_shard: int = 100
-    batch_captions: int = 16
-    image_format: Literal["png", "jpg"] = "png"
-    seed: int = 0
-    preview: bool = True
-    attention_slicing: bool = False
-    vae_slicing: bool = False
-    cpu_offload: bool = False
-    limit_captions: int = 0
-    num_threads: int = 0
+    captions: str = "runs/captions/captions.jsonl"  # captions.jsonl (or its folder) from `synrep captions`
+    out_dir: str = "runs/shards"  # shard folder to write (shard-*.tar + markers + index.json)
+    generator: str = "embedded"  # embedded, embedded:<folder>, or diffusers:<folder-or-hub-id>
+    images_per_caption: int = 4  # images drawn per caption (each from its own seed)
+    guidance_scale: float = 2.5  # classifier-free guidance (StableRep 2, SynCLR 2.5)
+    steps: int = 10  # denoising steps
+    scheduler: Literal["ddim", "dpm", "euler"] = "ddim"  # sampler: ddim, dpm (DPM-Solver++) or euler
+    negative_prompt: str = ""  # text for the unconditional branch ('' as in StableRep)
+    height: int = 0  # generation height in px (0 = the model's default)
+    width: int = 0  # generation width in px (0 = the model's default)
+    store_size: int = 0  # resize to this square size before storing (0 = keep)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # model precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    views: Literal["independent", "latent"] = "independent"  # independent seeds per image, or GenRep latent neighbours of one anchor
+    sigma: float = 0.5  # GenRep latent views: neighbour spread around the anchor noise
+    captions_per_shard: int = 100  # captions (groups) per tar shard
+    batch_captions: int = 16  # captions per pipeline call (each with all its images)
+    image_format: Literal["png", "jpg"] = "png"  # stored image format: png or jpg
+    seed: int = 0  # run seed: image j of caption i uses stable_seed(seed, i, j)
+    preview: bool = True  # write preview.png (captions x images) at the end
+    attention_slicing: bool = False  # diffusers attention slicing (less memory, slower)
+    vae_slicing: bool = False  # diffusers VAE slicing (less memory)
+    cpu_offload: bool = False  # diffusers model CPU offload
+    limit_captions: int = 0  # draw only the first N captions (0 = all)
+    num_threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def check(self) -> None:
         for key in ("images_per_caption", "steps", "captions_per_shard", "batch_captions"):

@@ -14,21 +14,21 @@ import torch.nn.functional as F
 
 @dataclass
 class AugmentConfig:
-    crop_scale_min: float = 0.35
-    crop_scale_max: float = 1.0
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.2
-    downsample_p: float = 0.0
-    local_crops: int = 4
-    local_size: int = 14
-    local_scale_min: float = 0.1
-    local_scale_max: float = 0.4
+    crop_scale_min: float = 0.35  # random-resized crop: smallest area fraction
+    crop_scale_max: float = 1.0  # random-resized crop: largest area fraction
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # colour jitter probability
+    brightness: float = 0.4  # colour jitter: brightness factor range +-
+    contrast: float = 0.4  # colour jitter: contrast factor range +-
+    saturation: float = 0.4  # colour jitter: saturation factor range +- (RGB only)
+    hue: float = 0.1  # colour jitter: hue shift range +- in turns (RGB only)
+    grayscale_p: float = 0.2  # random grayscale probability (RGB only)
+    blur_p: float = 0.2  # Gaussian blur probability
+    downsample_p: float = 0.0  # downsample-and-upsample probability
+    local_crops: int = 4  # SynCLR: number of local crops
+    local_size: int = 14  # SynCLR: local crop size in px
+    local_scale_min: float = 0.1  # SynCLR: local crop smallest area fraction
+    local_scale_max: float = 0.4  # SynCLR: local crop largest area fraction
 
     def check(self) -> None:
         from ..config import require

@@ -25,14 +25,14 @@ BACKBONES = ("cnn", "resnet", *VIT_SIZES, "timm:<name>")
 
 @dataclass
 class BackboneConfig:
-    name: str = "cnn"
-    image_size: int = 28
-    in_channels: int = 1
-    patch_size: int = 7
-    width: int = 32
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
+    name: str = "cnn"  # cnn, resnet, vit-micro|tiny|small|base|large, or timm:<name>
+    image_size: int = 28  # input size in px: the random-resized crop's output
+    in_channels: int = 1  # 1 (grayscale) or 3 (RGB); data are converted to this
+    patch_size: int = 7  # ViT patch size in px
+    width: int = 32  # base channel width of the cnn / resnet
+    embed_dim: int = 0  # ViT width (0 = the named size's)
+    depth: int = 0  # ViT blocks (0 = the named size's)
+    num_heads: int = 0  # ViT attention heads (0 = the named size's)
     conv_stem: bool = False  # ViT only: a convolutional stem instead of one big patchify conv (Xiao et al. 2021)
 
     def check(self) -> None:

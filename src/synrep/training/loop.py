@@ -47,31 +47,31 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    data: str = "runs/shards"
-    out_dir: str = "runs/train"
-    method: str = "stablerep"
+    data: str = "runs/shards"  # shard folder from `synrep generate`, or real:<dataset> / imagefolder:<root> / wds:<folder>
+    out_dir: str = "runs/train"  # checkpoint, metrics.jsonl, config.yaml and the exported encoder/ go here
+    method: str = "stablerep"  # training objective (registered methods: simclr, supcon, stablerep, stablerep+, synclr, supervised)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: MethodConfig = field(default_factory=MethodConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    groups_per_batch: int = 64
-    images_per_group: int = 4
-    short_groups: ShortGroups = "error"
-    steps: int = 300
-    base_lr: float = 1e-3
+    groups_per_batch: int = 64  # caption groups per batch on each rank (G)
+    images_per_group: int = 4  # images drawn from each caption group (k); they are each other's positives
+    short_groups: ShortGroups = "error"  # a group with fewer than k images: error, fewer (use all it has) or skip
+    steps: int = 300  # optimizer steps in all
+    base_lr: float = 1e-3  # peak learning rate for a global batch of 256 (scaled by lr_scaling)
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # relative to a global batch of 256
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.01
-    weight_decay: float = 0.05
-    grad_clip: float = 3.0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_threads: int = 0
-    limit_groups: int = 0
-    resume: bool = True
+    warmup_steps: int = 30  # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = 0.01  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, tokens)
+    grad_clip: float = 3.0  # clip the global gradient norm to this
+    checkpoint_every: int = 100  # write checkpoint.pt every this many steps (and at the end)
+    log_every: int = 10  # append a metrics.jsonl row every this many steps
+    seed: int = 0  # seeds the model, the data order and the augmentations
+    device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
+    amp: bool = True  # bf16 autocast on GPU (fp32 on CPU regardless)
+    num_threads: int = 0  # torch CPU threads (0 = torch's default)
+    limit_groups: int = 0  # train on the first N groups only (0 = all)
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this call: for tests and preemption drills
 
     def check(self) -> None:

@@ -37,24 +37,24 @@ from .losses import image_text_contrastive, masked_token_distillation, multi_pos
 
 @dataclass
 class MethodConfig:
-    temperature: float = 0.1
-    views: int = 1
-    proj_dim: int = 128
-    proj_hidden: int = 512
-    text_weight: float = 1.0
-    text_dim: int = 384
-    logit_scale_init: float = 1 / 0.07
-    logit_scale_max: float = 100.0
-    mim_weight: float = 1.0
-    mask_image_prob: float = 0.5
-    mask_ratio: float = 0.5
-    num_prototypes: int = 1024
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.04
-    teacher_temp_warmup_steps: int = 100
-    ema_start: float = 0.994
-    ema_end: float = 1.0
+    temperature: float = 0.1  # contrastive softmax temperature (StableRep 0.1, SynCLR 0.08)
+    views: int = 1  # augmented views per image (SimCLR uses at least 2)
+    proj_dim: int = 128  # projection head output dimension
+    proj_hidden: int = 512  # projection head hidden width
+    text_weight: float = 1.0  # StableRep+: weight of the image-text loss
+    text_dim: int = 384  # StableRep+: caption embedding dimension (MiniLM: 384)
+    logit_scale_init: float = 1 / 0.07  # StableRep+: initial image-text logit scale
+    logit_scale_max: float = 100.0  # StableRep+: logit scale clamp
+    mim_weight: float = 1.0  # SynCLR: weight of the masked-image-modelling loss
+    mask_image_prob: float = 0.5  # SynCLR: fraction of images that get masked
+    mask_ratio: float = 0.5  # SynCLR: fraction of patches masked in a masked image
+    num_prototypes: int = 1024  # SynCLR: prototypes of the patch head
+    student_temp: float = 0.1  # SynCLR: student softmax temperature
+    teacher_temp: float = 0.07  # SynCLR: teacher temperature after warm-up
+    teacher_temp_warmup: float = 0.04  # SynCLR: teacher temperature at step 0
+    teacher_temp_warmup_steps: int = 100  # SynCLR: steps of teacher temperature warm-up
+    ema_start: float = 0.994  # SynCLR: EMA teacher momentum at step 0
+    ema_end: float = 1.0  # SynCLR: EMA teacher momentum at the end (cosine)
 
     def check(self) -> None:
         for key in ("temperature", "student_temp", "teacher_temp", "teacher_temp_warmup", "logit_scale_init", "logit_scale_max"):
