@@ -244,3 +244,14 @@ dist.destroy_process_group()
     for epoch in range(3):
         seen = Counter(g for log in logs for e in log if e["epoch"] == epoch for g in e["groups"])
         assert len(seen) == 32 and max(seen.values()) == 1
+
+
+def test_short_groups_fewer_is_refused_across_ranks_when_batches_could_differ(tmp_path):
+    from synrep.training.data import LoaderConfig, check_data
+
+    source = ShardSource(write_random_shards(tmp_path, [8, 8], images_per_group=2, size=8))
+    args = dict(groups_per_batch=2, image_size=8, loader=LoaderConfig())
+    assert check_data(source, images_per_group=3, short_groups="fewer", world_size=1, **args) == 8
+    with pytest.raises(SourceError, match="different sizes across 2 ranks"):
+        check_data(source, images_per_group=3, short_groups="fewer", world_size=2, **args)
+    assert check_data(source, images_per_group=2, short_groups="fewer", world_size=2, **args) == 8

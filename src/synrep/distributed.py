@@ -42,7 +42,8 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         os.environ.setdefault("RANK", str(info.rank))
         os.environ.setdefault("WORLD_SIZE", str(info.world_size))
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        # NCCL reduces only CUDA tensors; with one group per device type CPU tensors still go through gloo.
+        backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return info
 
@@ -95,12 +96,26 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def all_reduce_mean(value: float) -> float:
-    if get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item() / get_world_size())
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over ranks in place (on its own device, no host sync); returns it."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= get_world_size()
+    return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place; returns it (unchanged with one process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``tensor`` over ranks in place; returns it."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def cleanup() -> None:

@@ -72,6 +72,9 @@ def check_data(source: Source, groups_per_batch: int, images_per_group: int, sho
         raise SourceError(f"images_per_group={images_per_group} but {source.description} has {have} image(s) per {kind}; "
                           f"set images_per_group<={have}" + ("" if source.captioned else " (images_per_group=1 for real data)")
                           + " or short_groups=fewer")
+    if world_size > 1 and short_groups == "fewer" and (not have or have < images_per_group):
+        raise SourceError(f"short_groups=fewer gives batches of different sizes across {world_size} ranks, which the global "
+                          f"batch cannot gather; with {source.description} use short_groups=skip or images_per_group<={have or 1}")
     steps = steps_per_epoch(source.units.total, groups_per_batch, world_size)
     if steps < 1:
         raise SourceError(f"{source.description}: {source.units.total} groups are too few for {world_size} rank(s) x "

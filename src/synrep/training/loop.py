@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import check_config, config_to_dict, require, save_config
-from ..distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from ..distributed import barrier, cleanup, init_distributed
 from ..plots import save_metrics_curve
 from ..utils import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl, set_threads, stable_seed
 from .augment import AugmentConfig
@@ -34,6 +34,7 @@ from ..sources import Source
 from ..streaming import BatchSpec, ShortGroups, steps_per_epoch
 from .data import LoaderConfig, check_data, make_batches, open_data, to_device
 from .export import export_encoder
+from .metrics import MetricWindow
 from .methods import METHODS, MethodConfig, build_method
 
 LOG = logging.getLogger("synrep.train")
@@ -108,6 +109,19 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
 def validate(cfg: TrainConfig) -> None:
     """Check every value (also done when the config loads; here for configs built in code)."""
     check_config(cfg)
+
+
+def sync_batchnorm(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """BatchNorm layers -> SyncBatchNorm (statistics over the global batch) on CUDA devices.
+
+    PyTorch's SyncBatchNorm runs only on GPUs; CPU ranks (gloo) keep per-rank statistics, which is logged.
+    """
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if not device.startswith("cuda"):
+        LOG.info("BatchNorm statistics stay per rank on CPU (SyncBatchNorm needs GPUs)")
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -203,7 +217,10 @@ def train(cfg: TrainConfig) -> Path:
         LOG.info("resumed from %s at step %d", ckpt, step)
     elif info.is_main and (out / METRICS).exists():
         (out / METRICS).unlink()
-    ddp = DistributedDataParallel(model, find_unused_parameters=True) if info.world_size > 1 else model
+    ddp = model
+    if info.world_size > 1:
+        model = sync_batchnorm(model, device)
+        ddp = DistributedDataParallel(model, find_unused_parameters=METHODS[cfg.method].may_leave_parameters_unused)
     spec = BatchSpec(cfg.groups_per_batch, cfg.images_per_group, load_size, cfg.backbone.in_channels, cfg.short_groups,
                      cfg.loader.shuffle_buffer, cfg.seed, captions=METHODS[cfg.method].needs_captions)
     _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"))
@@ -215,6 +232,7 @@ def train(cfg: TrainConfig) -> Path:
              global_batch_size(cfg, info.world_size), peak_lr, cfg.steps, cfg.loader.num_workers)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not info.is_main, dynamic_ncols=True)
     window_start, window_images, done_this_call = time.time(), 0, 0
+    window = MetricWindow(device)
     while step < cfg.steps:
         loaded = next(batches)
         if loaded["step"] != step:
@@ -228,30 +246,33 @@ def train(cfg: TrainConfig) -> Path:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             terms = ddp(batch, generator, step)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {step} ({ {k: float(v) for k, v in terms.items()} }); "
-                                f"lower base_lr (now {cfg.base_lr}) or raise loss.temperature; the last checkpoint is kept in {ckpt}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        record = {"step": step + 1, "loss": all_reduce_mean(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
-                  "epoch": int(loaded["epoch"])}
-        record.update({k: all_reduce_mean(v.item()) for k, v in terms.items()})
-        record.update(model.after_step(step))
+        window.add(step, loss, terms, grad_norm, model.after_step(step))
         step += 1
         done_this_call += 1
         window_images += len(batch["images"]) * info.world_size
-        if info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            record["img_per_s"] = window_images / max(time.time() - window_start, 1e-9)
+        stop_now = bool(cfg.stop_after and done_this_call >= cfg.stop_after)
+        log_now = step % cfg.log_every == 0 or step == cfg.steps
+        checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now
+        if log_now or checkpoint_now:  # the only host sync: every rank reads at the same steps
+            values, bad = window.read()
+            if bad is not None:
+                where = f"at step {bad[0] + 1}" if bad[0] >= 0 else f"on another rank before step {step}"
+                raise TrainingError(f"loss became {bad[1] if bad[0] >= 0 else 'nan/inf'} {where} ({values}); lower base_lr (now "
+                                    f"{cfg.base_lr}) or raise loss.temperature; the last good checkpoint is kept in {ckpt}")
+        if info.is_main and log_now:
+            record = {"step": step, **values, "lr": lr, "epoch": int(loaded["epoch"]),
+                      "img_per_s": window_images / max(time.time() - window_start, 1e-9)}
             window_start, window_images = time.time(), 0
             append_jsonl(out / METRICS, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.0f}")
         bar.update(1)
-        stop_now = cfg.stop_after and done_this_call >= cfg.stop_after
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_now:
+        if checkpoint_now:
             if info.is_main:
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                    "data": data_state, "torch_rng": torch.get_rng_state(), "step": step,

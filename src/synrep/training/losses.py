@@ -7,6 +7,8 @@ inside the keys; with one process anchors are the keys and the offset is 0.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -82,16 +84,25 @@ def image_text_contrastive(image_emb: torch.Tensor, image_group: torch.Tensor, t
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations: int = 3,
+                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Sinkhorn-Knopp centring of teacher outputs (SwAV/iBOT): ``[N, K]`` logits -> ``[N, K]`` soft targets.
 
-    Rows sum to 1 and the K prototypes are used equally often across the N samples.
+    Rows sum to 1 and the K prototypes are used equally often across the samples of *all* ranks: under
+    torch.distributed pass in-place reductions over ranks (``synrep.distributed.all_reduce_sum_`` and
+    ``all_reduce_max_``); every rank then gets its rows of the targets one process would compute for the
+    whole gathered batch. Without them the centring is over this rank's N rows.
     """
-    q = torch.exp((teacher_logits.float() - teacher_logits.float().max()) / temperature).t()  # [K, N]
-    k, n = q.shape
-    q = q / q.sum()
+    reduce_sum = all_reduce_sum or (lambda t: t)
+    reduce_max = all_reduce_max or (lambda t: t)
+    logits = teacher_logits.float()
+    q = torch.exp((logits - reduce_max(logits.max().clone())) / temperature).t()  # [K, N]
+    k = q.shape[0]
+    n = reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q = q / reduce_sum(q.sum())
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / reduce_sum(q.sum(dim=1, keepdim=True)) / k
         q = q / q.sum(dim=0, keepdim=True) / n
     return (q * n).t()
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import require
-from ..distributed import gather_no_grad, gather_with_grad, get_rank
+from ..distributed import all_reduce_max_, all_reduce_sum_, gather_no_grad, gather_with_grad, get_rank
 from .augment import AugmentConfig, augment, multi_crop
 from .backbones import BackboneConfig, VisionTransformer, build_backbone
 from .losses import image_text_contrastive, masked_token_distillation, multi_positive_contrastive, sinkhorn_knopp
@@ -91,6 +91,7 @@ class Method(nn.Module):
     needs_multiple_images: ClassVar[bool] = False  # positives are the other images of a caption
     needs_captions: ClassVar[bool] = False  # the batch must carry caption embeddings (``text``)
     needs_patch_tokens: ClassVar[bool] = False  # masked image modelling: a ViT backbone
+    may_leave_parameters_unused: ClassVar[bool] = False  # DDP must search for unused parameters (costs a graph walk)
 
     def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
         super().__init__()
@@ -99,12 +100,14 @@ class Method(nn.Module):
         self.image_size = backbone_cfg.image_size
         if self.needs_patch_tokens and not isinstance(self.backbone, VisionTransformer):
             raise ValueError(f"method {self.name} needs a ViT backbone (patch tokens for masked modelling), not {backbone_cfg.name!r}")
+        if not self.needs_patch_tokens and isinstance(getattr(self.backbone, "mask_token", None), nn.Parameter):
+            self.backbone.mask_token.requires_grad_(False)  # only masked modelling uses it; DDP needs every trained parameter used
 
     def forward(self, batch: dict, generator: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def after_step(self, step: int) -> dict[str, float]:
-        """Called after the optimizer step ``step``; returns values to log."""
+    def after_step(self, step: int) -> dict[str, float | torch.Tensor]:
+        """Called after the optimizer step ``step``; returns values to log (tensors are read only at log steps)."""
         return {}
 
 
@@ -194,8 +197,8 @@ class StableRepPlus(StableRep):
         scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
         return {"image_text": self.cfg.text_weight * image_text_contrastive(image_all, group_all, text_all[keep], text_group_all, scale)}
 
-    def after_step(self, step: int) -> dict[str, float]:
-        return {"logit_scale": float(self.logit_scale.detach().exp())}
+    def after_step(self, step: int) -> dict[str, torch.Tensor]:
+        return {"logit_scale": self.logit_scale.detach().exp()}  # read on the host only at log steps
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +230,7 @@ class SynCLR(Method):
     """Multi-positive contrastive on multi-crop views + iBOT masked image modelling with an EMA teacher."""
 
     name, needs_multiple_images, needs_patch_tokens = "synclr", True, True
+    may_leave_parameters_unused = True  # the mask token is unused in a batch where no image is masked
 
     def __init__(self, backbone_cfg: BackboneConfig, cfg: MethodConfig, aug: AugmentConfig, num_classes: int, total_steps: int):
         super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
@@ -277,7 +281,8 @@ class SynCLR(Method):
         with torch.no_grad():
             _, teacher_patches = self.teacher_backbone.forward_tokens(normalize_images(global_view))
             teacher_logits = self.teacher_head(teacher_patches)  # [B, N, K]
-            targets = sinkhorn_knopp(teacher_logits.reshape(b * n, -1), self.teacher_temperature(step)).view_as(teacher_logits)
+            targets = sinkhorn_knopp(teacher_logits.reshape(b * n, -1), self.teacher_temperature(step),
+                                     all_reduce_sum=all_reduce_sum_, all_reduce_max=all_reduce_max_).view_as(teacher_logits)
         student_logits = self.patch_head(patches)
         losses["mim"] = self.cfg.mim_weight * masked_token_distillation(student_logits, targets, mask, self.cfg.student_temp)
         return losses
