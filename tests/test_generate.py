@@ -136,11 +136,11 @@ def test_a_failing_batch_fails_only_its_shard_and_a_rerun_completes(random_gener
     real_draw = generators.EmbeddedT2I.draw
     calls = {"n": 0}
 
-    def flaky(self, captions, noise, settings):
+    def flaky(self, captions, noise, settings, per_caption=1):
         calls["n"] += 1
         if calls["n"] == 3:  # the first batch of the second shard
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_draw(self, captions, noise, settings)
+        return real_draw(self, captions, noise, settings, per_caption)
 
     monkeypatch.setattr(generators.EmbeddedT2I, "draw", flaky)
     with pytest.raises(RuntimeError, match="1 shard\\(s\\) failed: shard-00001.tar"):
@@ -201,3 +201,11 @@ def test_each_rank_reads_only_its_shards_lines_and_writes_the_same_shards(random
     for k, begin in enumerate(range(0, 7, 3)):
         stage._write_shard(one, generator, stage._settings(one), records[begin:begin + 3], old / f"shard-{k:05d}.tar", _NoBar())
     assert _digests(old) == _digests(tmp_path / "one")
+
+
+def test_background_encoding_writes_the_bytes_of_an_inline_writer(random_generator_dir, captions_file, tmp_path):
+    common = dict(captions=str(captions_file), generator=f"embedded:{random_generator_dir}", limit_captions=10, steps=2,
+                  captions_per_shard=5, batch_captions=3, preview=False)
+    run_generate(GenerateConfig(out_dir=str(tmp_path / "inline"), writer_threads=0, **common))
+    run_generate(GenerateConfig(out_dir=str(tmp_path / "threads"), writer_threads=3, **common))
+    assert _digests(tmp_path / "threads") == _digests(tmp_path / "inline")

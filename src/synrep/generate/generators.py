@@ -1,7 +1,8 @@
 """Text-to-image generators behind one interface.
 
-``noise_shape(height, width)`` gives the per-image initial noise shape; ``draw(captions, noise)``
-turns captions plus initial noise ``[B, *noise_shape]`` into uint8 images ``[B, H, W, C]``. Because
+``noise_shape(height, width)`` gives the per-image initial noise shape; ``draw(captions, noise, settings,
+per_caption)`` turns C captions plus initial noise ``[C * per_caption, *noise_shape]`` (caption-major: the
+images of caption 0 first) into uint8 images ``[C * per_caption, H, W, C]``; each caption's text is encoded once. Because
 the noise is passed in, the stage controls every image's seed (and GenRep latent views), and
 deterministic samplers make an image reproducible alone.
 
@@ -67,8 +68,9 @@ class EmbeddedT2I:
     def noise_shape(self, settings: DrawSettings) -> tuple[int, ...]:
         return self.model.latent_shape(1)[1:]
 
-    def draw(self, captions: list[str], noise: torch.Tensor, settings: DrawSettings) -> np.ndarray:
-        images = self.model.sample(captions, noise, settings.guidance_scale, settings.steps, settings.negative_prompt)
+    def draw(self, captions: list[str], noise: torch.Tensor, settings: DrawSettings, per_caption: int = 1) -> np.ndarray:
+        prompts = [c for c in captions for _ in range(per_caption)]
+        images = self.model.sample(prompts, noise, settings.guidance_scale, settings.steps, settings.negative_prompt)
         return to_uint8(images)
 
 
@@ -141,7 +143,7 @@ class DiffusersT2I:
         return (self.latent_channels, h // self.factor, w // self.factor)
 
     @torch.no_grad()
-    def draw(self, captions: list[str], noise: torch.Tensor, settings: DrawSettings) -> np.ndarray:
+    def draw(self, captions: list[str], noise: torch.Tensor, settings: DrawSettings, per_caption: int = 1) -> np.ndarray:
         h, w = self._size(settings)
         kwargs = {}
         if settings.negative_prompt:
@@ -149,7 +151,7 @@ class DiffusersT2I:
         if self.scheduler == "ddim":
             kwargs["eta"] = 0.0
         denoiser = getattr(self.pipe, "unet", None) or self.pipe.transformer
-        out = self.pipe(prompt=list(captions), height=h, width=w, num_inference_steps=settings.steps,
+        out = self.pipe(prompt=list(captions), num_images_per_prompt=per_caption, height=h, width=w, num_inference_steps=settings.steps,
                         guidance_scale=settings.guidance_scale, latents=noise.to(self.pipe.device, denoiser.dtype),
                         output_type="np", **kwargs)
         return to_uint8(np.asarray(out.images, dtype=np.float32))

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from ..captions.stage import captions_path, count_captions, iter_captions
 from ..config import check_config, config_to_dict, require, save_config
 from ..distributed import barrier, init_distributed
 from ..plots import save_image_grid
-from ..shards import ShardWriter, list_shards, read_shard, shard_done, shard_name, write_index
+from ..shards import ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
 from ..utils import atomic_write_json, set_threads, stable_seed
 from .generators import DrawSettings, GeneratorSpecError, make_generator
 
@@ -53,6 +54,7 @@ class GenerateConfig:
     sigma: float = 0.5  # GenRep latent views: neighbour spread around the anchor noise
     captions_per_shard: int = 100  # captions (groups) per tar shard
     batch_captions: int = 16  # captions per pipeline call (each with all its images)
+    writer_threads: int = 2  # threads that encode images and write the tar while the generator draws (0 = inline)
     image_format: Literal["png", "jpg"] = "png"  # stored image format: png or jpg
     seed: int = 0  # run seed: image j of caption i uses stable_seed(seed, i, j)
     preview: bool = True  # write preview.png (captions x images) at the end
@@ -65,7 +67,7 @@ class GenerateConfig:
     def check(self) -> None:
         for key in ("images_per_caption", "steps", "captions_per_shard", "batch_captions"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("height", "width", "store_size", "limit_captions", "num_threads"):
+        for key in ("height", "width", "store_size", "limit_captions", "num_threads", "writer_threads"):
             require(getattr(self, key) >= 0, key, f"must be >= 0 (0 = the default), got {getattr(self, key)}")
         require(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, "guidance_scale",
                 f"must be a finite number >= 0, got {self.guidance_scale}")
@@ -129,27 +131,46 @@ def _settings(cfg: GenerateConfig) -> DrawSettings:
 
 
 def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records: list[dict], path: Path, bar) -> int:
+    """Draw ``records``' images batch by batch; PNG/JPEG encoding and tar writing run on background threads,
+    in caption order, so the generator never waits for them (the bytes are those of an inline writer)."""
     shape = generator.noise_shape(settings)
     n = cfg.images_per_caption
+    encoders = ThreadPoolExecutor(max_workers=cfg.writer_threads) if cfg.writer_threads else None
+    tar_writer = ThreadPoolExecutor(max_workers=1) if cfg.writer_threads else None  # one thread: members stay in order
+    pending: list[Future] = []
     with ShardWriter(path, cfg.image_format, extra_stats={"first_caption": records[0]["id"], "last_caption": records[-1]["id"]}) as writer:
-        for start in range(0, len(records), cfg.batch_captions):
-            chunk = records[start:start + cfg.batch_captions]
-            noises, provenance = [], []
-            for rec in chunk:
-                noise, prov = initial_noise(cfg, int(rec["id"]), shape)
-                noises.append(noise)
-                provenance.append(prov)
-            prompts = [rec["caption"] for rec in chunk for _ in range(n)]
-            images = generator.draw(prompts, torch.cat(noises), settings)
-            images = resize_images(images, cfg.store_size)
-            for k, (rec, prov) in enumerate(zip(chunk, provenance)):
-                meta = {"caption": rec["caption"], "caption_id": int(rec["id"]), "concept": rec.get("concept", ""),
-                        "template": rec.get("template"), "background": rec.get("background"), "relation": rec.get("relation"),
-                        "caption_backend": rec.get("backend"), "generator": generator.name,
-                        "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
-                        "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov}
-                writer.add(f"{int(rec['id']):09d}", images[k * n:(k + 1) * n], meta)
-            bar.update(len(chunk) * n)
+        try:
+            for start in range(0, len(records), cfg.batch_captions):
+                chunk = records[start:start + cfg.batch_captions]
+                noises, provenance = [], []
+                for rec in chunk:
+                    noise, prov = initial_noise(cfg, int(rec["id"]), shape)
+                    noises.append(noise)
+                    provenance.append(prov)
+                images = generator.draw([rec["caption"] for rec in chunk], torch.cat(noises), settings, per_caption=n)
+                images = resize_images(images, cfg.store_size)
+                for k, (rec, prov) in enumerate(zip(chunk, provenance)):
+                    meta = {"caption": rec["caption"], "caption_id": int(rec["id"]), "concept": rec.get("concept", ""),
+                            "template": rec.get("template"), "background": rec.get("background"), "relation": rec.get("relation"),
+                            "caption_backend": rec.get("backend"), "generator": generator.name,
+                            "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
+                            "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov}
+                    key, group = f"{int(rec['id']):09d}", images[k * n:(k + 1) * n]
+                    if encoders is None:
+                        writer.add(key, group, meta)
+                        continue
+                    encoded = [encoders.submit(encode_image, image, cfg.image_format) for image in group]
+                    pending.append(tar_writer.submit(lambda key=key, encoded=encoded, meta=meta:
+                                                     writer.add_encoded(key, [f.result() for f in encoded], meta)))
+                while len(pending) > 4 * cfg.batch_captions:  # bound the images held while the writer catches up
+                    pending.pop(0).result()
+                bar.update(len(chunk) * n)
+            for future in pending:
+                future.result()  # re-raises a failed encode or write before the shard is renamed
+        finally:  # before the writer closes (or discards) the tar, no thread may still be writing to it
+            for pool in (encoders, tar_writer):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
     return len(records) * n
 
 
@@ -173,7 +194,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     first = list(iter_captions(captions, todo[0][1], todo[0][2])) if todo else []
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "generate_config.json"
-    settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir")}
+    settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir", "writer_threads")}
     if settings_file.exists() and list_shards(out):
         before = json.loads(settings_file.read_text())
         changed = sorted(k for k in settings_now if before.get(k) != settings_now[k] and k not in ("batch_captions",))

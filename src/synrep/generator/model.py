@@ -114,7 +114,11 @@ class EmbeddedGenerator:
             raise ValueError(f"{len(captions)} captions but noise for {noise.shape[0]} images")
         unet = self.unet.eval()
         device = next(unet.parameters()).device
-        tokens, pooled = self.encode_text(list(captions))
+        unique = list(dict.fromkeys(captions))  # each distinct caption is encoded once
+        tokens, pooled = self.encode_text(unique)
+        where = {c: i for i, c in enumerate(unique)}
+        index = torch.tensor([where[c] for c in captions])
+        tokens, pooled = tokens[index], pooled[index]
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             neg_tokens, neg_pooled = self.encode_text([negative_prompt])
