@@ -1,11 +1,20 @@
+import json
+import logging
 import pickle
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import synrep.evaluation.features as features_mod
+import synrep.evaluation.stage as stage_mod
+from synrep.config import ConfigError, load_config
 from synrep.datasets import LabeledImages
-from synrep.evaluation.probes import ProbeError, few_shot, knn_classify, linear_probe
+from synrep.evaluation.probes import ProbeError, Rows, few_shot, fit_logreg, knn_classify, knn_predict, linear_probe
 from synrep.evaluation.stage import EvalConfig, evaluate
+from synrep.sources import SourceError
+from synrep.training.backbones import BackboneConfig
 from synrep.training.export import EncoderError, load_encoder
 
 
@@ -56,9 +65,11 @@ def test_eval_stage_pixels_and_random_on_tiny_dataset(tmp_path):
     images[y == 1, :4] = 200
     images = np.clip(images + rng.integers(0, 40, images.shape), 0, 255).astype(np.uint8)
     data = LabeledImages(images, y, ["a", "b"], "toy", "train")
-    r = evaluate(EvalConfig(encoder="pixels", out_dir=str(tmp_path / "p"), shots=[1, 5]), train=data, test=data)
+    r = evaluate(EvalConfig(encoder="pixels", out_dir=str(tmp_path / "p"), shots=[1, 5], num_workers=0), train=data, test=data)
     assert r["linear"]["top1"] == 100.0 and (tmp_path / "p" / "eval.json").exists() and "| pixels |" in (tmp_path / "p" / "eval.md").read_text()
-    r = evaluate(EvalConfig(encoder="random:cnn", out_dir=str(tmp_path / "r"), protocols=["knn"]), train=data, test=data)
+    assert r["linear"]["converged"] and r["feature_dim"] == 64
+    r = evaluate(EvalConfig(encoder="random:cnn", out_dir=str(tmp_path / "r"), protocols=["knn"], num_workers=0,
+                            random_backbone=BackboneConfig(image_size=8)), train=data, test=data)
     assert r["feature_dim"] == 256 and "linear" not in r
 
 
@@ -73,3 +84,217 @@ def test_tampered_pickle_checkpoint_is_refused_without_loading(tmp_path):
     with pytest.raises(EncoderError, match="not a synrep encoder"):
         load_encoder(bad / "checkpoint.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+# --- the torch probes against sklearn and direct computations ---------------------------------------------
+
+def _overlapping(n, d, k, seed):
+    centres = np.random.default_rng(k).normal(size=(k, d)) * 1.5  # the same classes for every seed
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    return (centres[y] + rng.normal(size=(n, d)) * np.linspace(0.5, 3, d)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("classes", [4, 2])
+def test_torch_logistic_regression_matches_sklearn(classes):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _overlapping(600, 12, classes, seed=classes)
+    xt, yt = _overlapping(2000, 12, classes, seed=classes + 10)
+    fit = fit_logreg(x, y, C=0.05, tol=1e-6, max_iter=2000)
+    assert fit.converged and fit.grad_max < 1e-4  # float32 compute: stops near 1e-5
+    z = (x - fit.mean) / fit.std
+    ref = LogisticRegression(C=0.05, tol=1e-10, max_iter=10000).fit(z, y)
+    assert fit.coef_.shape == ref.coef_.shape  # binary: one logit vector, as sklearn
+    np.testing.assert_allclose(fit.coef_, ref.coef_, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(fit.intercept_, ref.intercept_, rtol=1e-3, atol=1e-3)
+    ours, theirs = fit.score(xt, yt), ref.score((xt - fit.mean) / fit.std, yt) * 100
+    assert abs(ours - theirs) <= 0.5 and ours > 100 / classes + 10
+    # Chunked accumulation (7-row chunks, nothing resident) and a memmap-style row view give the same fit.
+    order = np.random.default_rng(0).permutation(len(x) + 50)
+    big = np.zeros((len(x) + 50, 12), np.float16)
+    big[order[:len(x)]] = x
+    rows = Rows(big, np.sort(order[:len(x)]))
+    chunked = fit_logreg(rows, y[np.argsort(order[:len(x)])], C=0.05, tol=1e-6, max_iter=2000, rows=7, resident_bytes=0)
+    np.testing.assert_allclose(chunked.coef_, fit.coef_, rtol=2e-2, atol=2e-3)  # float16 storage
+    # A warm start (another C, other rows, other standardisation) reaches the same solution.
+    warm = fit_logreg(x, y, C=0.05, tol=1e-6, max_iter=2000, init=fit_logreg(x[:300] * 2 + 1, y[:300], C=1.0))
+    np.testing.assert_allclose(warm.coef_, fit.coef_, rtol=1e-3, atol=1e-3)
+
+
+def test_linear_probe_reports_convergence_instead_of_hiding_it():
+    x, y = _overlapping(400, 10, 3, seed=5)
+    r = linear_probe(x, y, x, y, Cs=(1.0,), max_iter=2)
+    assert r["converged"] is False and r["iterations"] == 2 and r["val_fits"][1.0]["iterations"] == 2
+    r = linear_probe(x, y, x, y, Cs=(1.0,))
+    assert r["converged"] is True and r["fit"]["grad_max"] < 1e-4
+
+
+def test_chunked_knn_equals_direct_computation():
+    x, y = _overlapping(500, 16, 5, seed=7)
+    xt, yt = _overlapping(130, 16, 5, seed=8)
+    k, temperature = 7, 0.1
+    a = torch.nn.functional.normalize(torch.from_numpy(xt), dim=1)
+    b = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    sims, idx = (a @ b.t()).topk(k, dim=1)
+    votes = torch.zeros(len(xt), 5).scatter_add_(1, torch.from_numpy(y)[idx], (sims / temperature).exp())
+    direct = votes.argmax(1).numpy()
+    chunked = knn_predict(x, y, xt, k, temperature, batch=32, train_rows=45, resident_bytes=0)
+    resident = knn_predict(x, y, xt, k, temperature, batch=32, train_rows=45)
+    assert (chunked == direct).all() and (resident == direct).all()
+    assert knn_classify(x, y, xt, yt, k, temperature, batch=17, train_rows=3)["top1"] == pytest.approx(100 * (direct == yt).mean())
+
+
+# --- the stage: config, feature cache, image folders ------------------------------------------------------
+
+def test_eval_config_values_are_checked_with_the_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="crop_fraction"):
+        evaluate(EvalConfig(crop_fraction=1.5, out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="test_split"):
+        evaluate(EvalConfig(test_split="train", out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="device"):
+        evaluate(EvalConfig(device="gpu0", out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="protocols"):
+        load_config(EvalConfig, overrides=["protocols=linear,svm"])
+    with pytest.raises(ConfigError, match="'num_workers': must be >= 0"):
+        load_config(EvalConfig, overrides=["num_workers=-1"])
+    assert not any(tmp_path.iterdir()), "nothing is written for a bad config"
+
+
+def _image_folder(root, splits=("train", "val"), per_class=6, broken=None):
+    """Two classes (dark, bright) of RGB images whose sizes differ from image to image."""
+    rng = np.random.default_rng(0)
+    sizes = [(12, 16), (16, 16), (20, 9), (9, 14), (16, 24), (30, 30)]
+    for split in splits:
+        for c, cls in enumerate(["dark", "bright"]):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = sizes[i % len(sizes)]
+                img = np.clip(60 + 120 * c + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / cls / f"{i}.png")
+    if broken:
+        (root / broken).write_bytes(b"not a png at all")
+    return root
+
+
+def _folder_cfg(root, out, **kw):
+    base = dict(encoder="random:cnn", dataset=f"imagefolder:{root}", test_split="val", out_dir=str(out), num_workers=0,
+                batch_size=4, protocols=["linear", "knn"], Cs=[1.0], knn_k=3,
+                random_backbone=BackboneConfig(name="cnn", image_size=16, in_channels=3, width=8))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_image_folder_with_val_split_and_mixed_sizes(tmp_path):
+    root = _image_folder(tmp_path / "data")
+    r = evaluate(_folder_cfg(root, tmp_path / "e"))
+    assert r["train_images"] == 12 and r["test_images"] == 12 and r["test_split"] == "val" and r["image_size"] == 16
+    assert r["linear"]["top1"] == 100.0 and r["knn"]["top1"] == 100.0
+    manifest = json.loads((tmp_path / "e" / "features" / "val" / "manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["split"] == "val" and manifest["crop_fraction"] == 0.875
+    # pixels on images of mixed sizes: the size comes from random_backbone (16 x 16 x 3 = 768 values).
+    r = evaluate(_folder_cfg(root, tmp_path / "p", encoder="pixels", num_workers=1))
+    assert r["feature_dim"] == 16 * 16 * 3 and r["linear"]["top1"] == 100.0
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = _image_folder(tmp_path / "data", broken="train/bright/zz-broken.png")
+    for workers in (0, 1):
+        with pytest.raises(SourceError, match="zz-broken.png"):
+            evaluate(_folder_cfg(root, tmp_path / f"e{workers}", num_workers=workers))
+
+
+def test_feature_cache_is_reused_resumed_and_rebuilt(tmp_path, monkeypatch, caplog):
+    root = _image_folder(tmp_path / "data", per_class=9)  # 18 images per split: 5 chunks of 4
+    out = tmp_path / "e"
+    cache = out / "features" / "train"
+    encoded = []
+    real_encode = features_mod.encode_batch
+    monkeypatch.setattr(features_mod, "encode_batch", lambda *a: encoded.append(len(a[1])) or real_encode(*a))
+
+    first = evaluate(_folder_cfg(root, out))
+    feats = np.load(cache / "features.npy")
+    assert feats.dtype == np.float16 and feats.shape == (18, 8 * 8) and sum(encoded) == 36
+    assert sorted(p.name for p in cache.iterdir()) == ["features.npy", "labels.npy", "manifest.json"]
+    assert not first["feature_cache"]["train"]["reused"]
+
+    # A rerun reads no image: the dataset is never even opened.
+    def no_images(*a, **k):
+        raise AssertionError("images were read again")
+    monkeypatch.setattr(stage_mod, "open_real", no_images)
+    monkeypatch.setattr(features_mod, "SequentialImages", no_images)
+    again = evaluate(_folder_cfg(root, out, batch_size=5))  # the chunk size does not change finished features
+    assert again["feature_cache"]["train"]["reused"] and again["linear"]["top1"] == first["linear"]["top1"]
+    monkeypatch.undo()
+    monkeypatch.setattr(features_mod, "encode_batch", lambda *a: encoded.append(len(a[1])) or real_encode(*a))
+
+    # Killed after two chunks: they stay on disk and a rerun encodes only the other three.
+    for name in ("manifest.json", "features.npy", "labels.npy"):
+        (cache / name).unlink()
+    real_write, writes = features_mod._write_chunk, []
+
+    def dying_write(*a):
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        writes.append(a[1])
+        real_write(*a)
+    monkeypatch.setattr(features_mod, "_write_chunk", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_folder_cfg(root, out))
+    assert len(list(cache.glob("chunk-*.labels.npy"))) == 2 and (cache / "progress.json").exists()
+    assert not (cache / "manifest.json").exists()
+    monkeypatch.setattr(features_mod, "_write_chunk", real_write)
+    encoded.clear()
+    resumed = evaluate(_folder_cfg(root, out))
+    assert resumed["feature_cache"]["train"]["resumed_chunks"] == 2 and len(encoded) == 3
+    np.testing.assert_array_equal(np.load(cache / "features.npy"), feats)
+
+    # Other settings: the finished cache is rebuilt, with a warning naming what changed.
+    encoded.clear()
+    with caplog.at_level(logging.WARNING, logger="synrep.eval"):
+        changed = evaluate(_folder_cfg(root, out, crop_fraction=1.0))
+    assert "rebuilding" in caplog.text and "crop_fraction: 0.875 -> 1.0" in caplog.text
+    assert sum(encoded) == 36 and not changed["feature_cache"]["train"]["reused"]
+    assert json.loads((cache / "manifest.json").read_text())["crop_fraction"] == 1.0
+
+    # Partial chunks of another chunk size are discarded, not mixed in.
+    for name in ("manifest.json", "features.npy", "labels.npy"):
+        (cache / name).unlink()
+    monkeypatch.setattr(features_mod, "_write_chunk", dying_write)
+    writes.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_folder_cfg(root, out, crop_fraction=1.0))
+    monkeypatch.setattr(features_mod, "_write_chunk", real_write)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synrep.eval"):
+        r = evaluate(_folder_cfg(root, out, crop_fraction=1.0, batch_size=5))
+    assert "discarding 2 partial chunk(s)" in caplog.text and r["feature_cache"]["train"]["resumed_chunks"] == 0
+    assert r["linear"]["top1"] == changed["linear"]["top1"]
+
+
+def test_probe_train_size_encodes_only_the_subset_or_reads_rows_of_a_whole_cache(tmp_path, monkeypatch):
+    root = _image_folder(tmp_path / "data", per_class=9)
+    encoded = []
+    real_encode = features_mod.encode_batch
+    monkeypatch.setattr(features_mod, "encode_batch", lambda *a: encoded.append(len(a[1])) or real_encode(*a))
+    with pytest.raises(ProbeError, match="validation split"):
+        evaluate(_folder_cfg(root, tmp_path / "tiny", probe_train_size=6, protocols=["linear"]))
+    encoded.clear()
+    sub = evaluate(_folder_cfg(root, tmp_path / "s", probe_train_size=14))
+    assert sub["train_images"] == 14 and sum(encoded) == 14 + 18, "only the subset of train is encoded"
+    manifest = json.loads((tmp_path / "s" / "features" / "train" / "manifest.json").read_text())
+    assert manifest["rows"] == {"stratified_subset": 14, "seed": 0} and manifest["count"] == 14
+    sub_labels = np.load(tmp_path / "s" / "features" / "train" / "labels.npy")
+    assert np.bincount(sub_labels).tolist() == [7, 7]
+
+    whole = evaluate(_folder_cfg(root, tmp_path / "w"))
+    assert whole["train_images"] == 18
+    encoded.clear()
+    again = evaluate(_folder_cfg(root, tmp_path / "w", probe_train_size=14))
+    assert encoded == [] and again["feature_cache"]["train"]["reused"] and again["train_images"] == 14
+    # The same subset both ways.
+    keep = features_mod.stratified_subset(np.load(tmp_path / "w" / "features" / "train" / "labels.npy"), 14, 0)
+    whole_feats = np.load(tmp_path / "w" / "features" / "train" / "features.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "s" / "features" / "train" / "features.npy").astype(np.float32),
+                               whole_feats[keep].astype(np.float32), atol=2e-3)
+    assert again["linear"]["top1"] == sub["linear"]["top1"]

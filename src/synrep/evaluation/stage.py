@@ -1,112 +1,147 @@
 """``synrep eval``: frozen features of an encoder on a real dataset, judged by linear / kNN / few-shot.
 
-The encoder is an exported synrep encoder folder, ``random:<backbone>`` (random init, seeded) or
-``pixels`` (raw pixels, the classic baseline). Results go to ``out_dir/eval.json`` and ``eval.md``.
+The encoder is an exported synrep encoder folder, ``random:<backbone>`` (random init, seeded, sized by
+``random_backbone``) or ``pixels`` (raw pixels, the classic baseline). Each split streams once through the
+encoder into a feature cache on disk (``cache_dir``, resumable; see :mod:`.features`); the probes then read
+the cached float16 features in chunks, on the GPU when there is one. Results go to ``out_dir/eval.json``
+and ``eval.md``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..config import save_config
-from ..datasets import LabeledImages, load_dataset
-from ..training.backbones import BackboneConfig, build_backbone
-from ..training.export import load_encoder
-from ..training.methods import normalize_images
+from ..config import check_config, require, save_config
+from ..datasets import LabeledImages
+from ..sources import SOURCES, ArraySource, Source, open_real
+from ..training.backbones import BackboneConfig
 from ..utils import atomic_write_json, atomic_write_text, set_threads
-from .probes import few_shot, knn_classify, linear_probe
+from .features import dataset_identity, resolve_encoder, split_features
+from .probes import Rows, few_shot, knn_classify, linear_probe, resolve_device
 
 LOG = logging.getLogger("synrep.eval")
 PROTOCOLS = ("linear", "knn", "fewshot")
+Protocol = Literal["linear", "knn", "fewshot"]
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
 class EvalConfig:
-    encoder: str = "runs/train/encoder"
-    dataset: str = "fashion-mnist"
+    encoder: str = "runs/train/encoder"  # an exported encoder folder, random:<backbone> or pixels
+    dataset: str = "fashion-mnist"  # fashion-mnist[:<dir>], mnist, imagefolder:<root>, wds:<folder>
     out_dir: str = "runs/eval"
-    protocols: list[str] = field(default_factory=lambda: ["linear", "knn", "fewshot"])
+    train_split: str = "train"
+    test_split: str = "test"  # ImageNet-style folders: val
+    protocols: list[Protocol] = field(default_factory=lambda: ["linear", "knn", "fewshot"])
     probe_train_size: int = 0  # 0 = the whole train split; else a stratified subset of this size
-    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # linear probe: C chosen on a stratified 15% of train
     knn_k: int = 20
-    knn_temperature: float = 0.07
-    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
-    draws: int = 5
+    knn_temperature: float = 0.07  # each neighbour votes exp(cosine / T)
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # few-shot: labelled images per class
+    draws: int = 5  # few-shot: seeded draws per shot count
     seed: int = 0
-    batch_size: int = 512
-    random_backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    batch_size: int = 512  # images per feature chunk
+    crop_fraction: float = 0.875  # resize the shorter side to size / crop_fraction, centre crop (same-size images untouched)
+    num_workers: int = 2  # data-loader processes decoding images
+    cache_dir: str = ""  # feature cache; "" = <out_dir>/features
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+    random_backbone: BackboneConfig = field(default_factory=BackboneConfig)  # random:<name> and its input size; pixels of mixed sizes
     num_threads: int = 0
 
-
-def _to_input(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
-    if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
-@torch.no_grad()
-def extract_features(encoder: str, data: LabeledImages, batch_size: int = 512, seed: int = 0,
-                     random_backbone: BackboneConfig | None = None, desc: str = "features") -> np.ndarray:
-    """float32 ``[N, D]`` features of ``data`` under ``encoder`` (a folder, ``random:<backbone>`` or ``pixels``)."""
-    if encoder == "pixels":
-        return data.images.reshape(len(data), -1).astype(np.float32) / 255.0
-    if encoder.startswith("random:"):
-        cfg = random_backbone or BackboneConfig()
-        cfg = BackboneConfig(**{**cfg.__dict__, "name": encoder.split(":", 1)[1],
-                                "image_size": data.images.shape[1], "in_channels": data.images.shape[-1]})
-        torch.manual_seed(seed)
-        model = build_backbone(cfg).eval()
-        channels, size = cfg.in_channels, cfg.image_size
-    else:
-        model, meta = load_encoder(encoder)
-        channels, size = meta["backbone"]["in_channels"], meta["backbone"]["image_size"]
-    feats = []
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        x = _to_input(data.images[start:start + batch_size], channels, size)
-        feats.append(model(normalize_images(x)).float().numpy())
-    return np.concatenate(feats)
+    def check(self) -> None:
+        require(bool(self.protocols) and all(p in PROTOCOLS for p in self.protocols), "protocols",
+                f"{self.protocols!r} is not allowed; choose one or more of {', '.join(PROTOCOLS)}")
+        require(bool(self.encoder), "encoder", "is empty; give an exported encoder folder, random:<backbone> or pixels")
+        for key in ("train_split", "test_split"):
+            value = getattr(self, key)
+            require(bool(value) and "/" not in value, key, f"{value!r} is not a split folder name (e.g. train, test, val)")
+        require(self.train_split != self.test_split, "test_split",
+                f"{self.test_split!r} must differ from train_split (the probe would be scored on its own training images)")
+        require(bool(self.Cs) and all(c > 0 for c in self.Cs), "Cs", f"{self.Cs!r}: give one or more inverse regularisation strengths > 0")
+        require(self.knn_temperature > 0, "knn_temperature", f"must be > 0, got {self.knn_temperature}")
+        require(bool(self.shots) and all(n >= 1 for n in self.shots), "shots", f"{self.shots!r}: give one or more shot counts >= 1")
+        for key in ("knn_k", "draws", "batch_size"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("probe_train_size", "num_workers", "num_threads"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(0 < self.crop_fraction <= 1, "crop_fraction",
+                f"must be in (0, 1] (1 keeps the whole shorter side; 0.875 is the usual centre crop), got {self.crop_fraction}")
+        require(bool(DEVICE_RE.match(self.device)), "device", f"{self.device!r} is not allowed; choose auto, cpu, cuda or cuda:<index>")
 
 
-def _subset(data: LabeledImages, size: int, seed: int) -> LabeledImages:
-    if not size or size >= len(data):
+def validate(cfg: EvalConfig) -> None:
+    """Check every value (also done when the config loads; here for configs built in code) and the device."""
+    check_config(cfg)
+    require(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device",
+            f"{cfg.device!r}: no CUDA device is available here; use auto or cpu")
+
+
+def _as_source(data: LabeledImages | Source | None) -> Source | None:
+    if data is None or isinstance(data, Source):
         return data
-    from sklearn.model_selection import train_test_split
-
-    keep, _ = train_test_split(np.arange(len(data)), train_size=size, random_state=seed, stratify=data.labels)
-    return data.subset(np.sort(keep))
+    return ArraySource(data.images, data.labels, data.class_names, f"{data.name or 'given'} {data.split}".strip())
 
 
-def evaluate(cfg: EvalConfig, train: LabeledImages | None = None, test: LabeledImages | None = None) -> dict:
-    """Run the protocols; returns the results dict (also written to ``out_dir``)."""
-    unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
-    if unknown:
-        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test: LabeledImages | Source | None = None) -> dict:
+    """Run the protocols; returns the results dict (also written to ``out_dir``).
+
+    ``train`` / ``test`` replace ``cfg.dataset``'s splits with data in hand (tests, notebooks).
+    """
+    validate(cfg)
     set_threads(cfg.num_threads)
-    train = train if train is not None else load_dataset(cfg.dataset, "train")
-    test = test if test is not None else load_dataset(cfg.dataset, "test")
-    train = _subset(train, cfg.probe_train_size, cfg.seed)
+    device = resolve_device(cfg.device)
+    given = {cfg.train_split: _as_source(train), cfg.test_split: _as_source(test)}
+    opened: dict[str, Source] = {}
+
+    def source(split: str) -> Source:
+        if split not in opened:
+            opened[split] = given[split] if given[split] is not None else open_real(cfg.dataset, split)
+        return opened[split]
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "features"
     start = time.time()
-    tr = extract_features(cfg.encoder, train, cfg.batch_size, cfg.seed, cfg.random_backbone, "train features")
-    te = extract_features(cfg.encoder, test, cfg.batch_size, cfg.seed, cfg.random_backbone, "test features")
-    results = {"encoder": cfg.encoder, "dataset": cfg.dataset, "train_images": len(train), "test_images": len(test),
-               "feature_dim": int(tr.shape[1]), "feature_seconds": round(time.time() - start, 1)}
-    if "linear" in cfg.protocols:
-        results["linear"] = linear_probe(tr, train.labels, te, test.labels, tuple(cfg.Cs), seed=cfg.seed)
-    if "knn" in cfg.protocols:
-        results["knn"] = knn_classify(tr, train.labels, te, test.labels, cfg.knn_k, cfg.knn_temperature)
-    if "fewshot" in cfg.protocols:
-        results["fewshot"] = few_shot(tr, train.labels, te, test.labels, tuple(cfg.shots), cfg.draws, cfg.seed)
+
+    def stored_shape():  # pixels only: folders and tars (SOURCES) hold images of any size; arrays know theirs
+        if given[cfg.train_split] is None and cfg.dataset.partition(":")[0] in SOURCES:
+            return None
+        return source(cfg.train_split).image_shape
+
+    encoder = resolve_encoder(cfg.encoder, cfg.random_backbone, cfg.seed, stored_shape)
+    feats = {split: split_features(cache / split, encoder, dataset_identity(cfg.dataset, given[split]), split,
+                                   lambda split=split: source(split), cfg.crop_fraction, cfg.batch_size, cfg.num_workers, device,
+                                   subset=(cfg.probe_train_size, cfg.seed) if split == cfg.train_split else None)
+             for split in (cfg.train_split, cfg.test_split)}
+    tr, te = feats[cfg.train_split], feats[cfg.test_split]
+    if tr.features.shape[1] != te.features.shape[1]:
+        raise RuntimeError(f"feature caches {tr.folder} and {te.folder} disagree on the feature dimension")
+    train_x = Rows(tr.features, tr.rows)
+    train_y = tr.labels if tr.rows is None else tr.labels[tr.rows]
+    test_x = Rows(te.features)
+    results = {"encoder": cfg.encoder, "dataset": cfg.dataset, "train_split": cfg.train_split, "test_split": cfg.test_split,
+               "train_images": len(train_x), "test_images": len(test_x), "feature_dim": int(te.features.shape[1]),
+               "image_size": encoder.size, "crop_fraction": cfg.crop_fraction, "device": str(device),
+               "feature_seconds": round(time.time() - start, 1),
+               "feature_cache": {"train": tr.summary(), "test": te.summary()}}
+    timings = results["protocol_seconds"] = {}
+    for name in PROTOCOLS:
+        if name not in cfg.protocols:
+            continue
+        t0 = time.time()
+        if name == "linear":
+            results["linear"] = linear_probe(train_x, train_y, test_x, te.labels, tuple(cfg.Cs), seed=cfg.seed, device=device)
+        elif name == "knn":
+            results["knn"] = knn_classify(train_x, train_y, test_x, te.labels, cfg.knn_k, cfg.knn_temperature, device=device)
+        else:
+            results["fewshot"] = few_shot(train_x, train_y, test_x, te.labels, tuple(cfg.shots), cfg.draws, cfg.seed, device=device)
+        timings[name] = round(time.time() - t0, 1)
     results["seconds"] = round(time.time() - start, 1)
     out = Path(cfg.out_dir)
     save_config(cfg, out)
