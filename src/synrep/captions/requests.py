@@ -15,7 +15,8 @@ class CaptionRequest:
     """One caption to write: a concept under one of the three SynCLR templates.
 
     ``examples`` are the in-context examples an LLM prompt carries; ``attempt`` counts retries so a
-    retried request gets a new sample with the same seed lineage.
+    retried request gets a new sample with the same seed lineage. ``index`` is its number in the concept's
+    plan: ``(index, attempt)`` names one request of a concept.
     """
 
     concept: Concept
@@ -26,6 +27,7 @@ class CaptionRequest:
     other: str | None = None
     examples: list[str] = field(default_factory=list)
     attempt: int = 0
+    index: int = -1
 
 
 def choose_template(rng: random.Random, mix: dict[str, float]) -> str:
@@ -55,7 +57,7 @@ def plan_requests(
     for index in range(start, start + count):
         rng = random.Random(f"plan|{seed}|{concept.name}|{index}")
         template = choose_template(rng, mix)
-        req = CaptionRequest(concept, template, seed=rng.randrange(2**31))
+        req = CaptionRequest(concept, template, seed=rng.randrange(2**31), index=index)
         if template == "c+bg":
             req.background = rng.choice(backgrounds)
         elif template == "c+rel":

@@ -6,23 +6,34 @@ counts. A rerun skips concepts whose marker exists, so a killed run resumes with
 Rank 0 then merges the parts into ``captions.jsonl`` in a seeded random interleave (every concept spread
 over the whole file, so any cut of it, e.g. a generated shard, mixes concepts), streaming: memory is
 O(concepts), never the captions. It writes ``captions.offsets.json`` (see :mod:`.files`) and ``summary.json``.
+
+Failures are loud and never recorded as success. A request that gets no reply (HTTP error, timeout, refused
+connection, a reply that is not JSON with ``choices``) is a *failure* with a cause, not a *rejection* (a reply
+that cleaning threw away): the backend retries server faults with exponential backoff, and a concept with a
+request still failed is not marked done. The replies it did get are kept in ``parts/concept-00007.replies.jsonl``,
+so a rerun sends exactly the requests that failed and writes what a run without failures writes. The stage then
+raises, naming the server and the failures by cause; it also raises when the finished concepts hold no captions
+or fewer than ``min_fraction`` of ``concepts x per_concept``. Failures and retries by cause go into the summary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
+import typing
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 import yaml
 from tqdm import tqdm
 
-from ..config import save_config
+from ..config import check_config, require, save_config
 from ..distributed import barrier, init_distributed
 from ..utils import atomic_write_json, atomic_write_text, set_threads, stable_seed
 from .backgrounds import llm_backgrounds
@@ -30,9 +41,9 @@ from .cleaning import WordCounter, clean_caption, near_duplicate_mask, normalise
 from .concepts import ConceptList, generic_backgrounds, load_backgrounds, load_concepts
 from .files import (CAPTIONS_FILE, captions_path, count_captions, iter_captions, offsets_path,  # noqa: F401 - API
                     read_captions, write_jsonl_with_offsets)
-from .llm_backends import SamplingSettings, make_backend
+from .llm_backends import BackendError, Failed, SamplingSettings, ServerRefused, format_causes, make_backend
 from .prompts import load_example_pools, prompt_input
-from .requests import TEMPLATES, plan_requests
+from .requests import TEMPLATES, CaptionRequest, plan_requests
 
 LOG = logging.getLogger("synrep.captions")
 SUMMARY_FILE = "summary.json"
@@ -42,7 +53,7 @@ SUMMARY_FILE = "summary.json"
 class CaptionsConfig:
     concepts: str = "fashion-mnist"
     out_dir: str = "runs/captions"
-    backend: str = "template"
+    backend: str = "template"  # template | smollm2 | hf:<path-or-id> | openai:<http(s)://host:port>
     per_concept: int = 20
     seed: int = 0
     mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # c, c+bg, c+rel
@@ -50,32 +61,57 @@ class CaptionsConfig:
     examples_file: str = ""
     backgrounds: str = ""  # "" (list's own + generic), a YAML mapping file, or "llm" (the backend writes them)
     backgrounds_per_concept: int = 8
-    max_retries: int = 3
+    max_retries: int = 3  # per request: retries of a failed request (server faults) and of a rejected reply
     min_words: int = 3
     max_words: int = 30
-    dedup: str = "auto"  # auto | minilm | text | none
+    dedup: Literal["auto", "minilm", "text", "none"] = "auto"
     near_dup_threshold: float = 0.95
     temperature: float = 0.8
     top_p: float = 0.9
     max_new_tokens: int = 40
-    chat: str = "no"  # LLM prompt style: no = few-shot completion (SynCLR's), yes = chat template, auto = chat if the model has one
+    chat: Literal["no", "yes", "auto"] = "no"  # LLM prompt style: no = few-shot completion (SynCLR's), yes = chat template, auto = chat if the model has one
     batch_size: int = 16
-    concurrency: int = 8
-    timeout_s: float = 30.0
+    concurrency: int = 8  # openai backend: requests in flight at once
+    timeout_s: float = 30.0  # openai backend: seconds one attempt may take
+    backoff_s: float = 0.5  # first wait before retrying a failed request; doubles with every retry
     api_model: str = "default"
     api_key_env: str = "OPENAI_API_KEY"
+    min_fraction: float = 0.9  # fail the stage when fewer than this share of concepts x per_concept captions come out
     num_threads: int = 0
+
+    def check(self) -> None:
+        backend_ok = self.backend in ("template", "smollm2") or (self.backend.startswith("hf:") and len(self.backend) > 3) \
+            or bool(re.fullmatch(r"openai:https?://[^/\s]+(/\S*)?", self.backend))
+        require(backend_ok, "backend", f"{self.backend!r} is not allowed; choose template, smollm2, hf:<path-or-id> "
+                                       "or openai:<http(s)://host:port>")
+        require(bool(self.concepts), "concepts", "is empty; give a shipped list name or a concepts file")
+        for key in ("per_concept", "backgrounds_per_concept", "min_words", "max_words", "max_new_tokens", "batch_size",
+                    "concurrency"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("max_retries", "num_examples", "num_threads"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.min_words <= self.max_words, "min_words",
+                f"must be <= max_words ({self.max_words}), got {self.min_words}: no caption could pass")
+        require(len(self.mix) == 3 and all(m >= 0 for m in self.mix) and sum(self.mix) > 0, "mix",
+                f"must be three non-negative weights for c, c+bg, c+rel (not all 0), got {self.mix}")
+        for key in ("dedup", "chat"):  # Literal choices: the config loader checks them, this covers configs built in code
+            choices = get_args(typing.get_type_hints(CaptionsConfig)[key])
+            require(getattr(self, key) in choices, key, f"{getattr(self, key)!r} is not allowed; choose one of {', '.join(choices)}")
+        require(0 < self.near_dup_threshold <= 1, "near_dup_threshold", f"must be in (0, 1], got {self.near_dup_threshold}")
+        require(0 <= self.temperature < math.inf, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(0 < self.timeout_s < math.inf, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        require(0 <= self.backoff_s < math.inf, "backoff_s", f"must be >= 0 seconds, got {self.backoff_s}")
+        require(0 <= self.min_fraction <= 1, "min_fraction",
+                f"must be in [0, 1] (the share of concepts x per_concept captions the stage must write), got {self.min_fraction}")
+        require(self.backgrounds != "llm" or self.backend != "template", "backgrounds",
+                "'llm' needs a language-model backend (smollm2, hf:, openai:), not 'template'")
+        require(bool(self.api_key_env), "api_key_env", "is empty; name the environment variable holding the API key")
 
 
 def validate(cfg: CaptionsConfig) -> None:
-    if cfg.per_concept < 1:
-        raise ValueError(f"per_concept must be >= 1, got {cfg.per_concept}")
-    if len(cfg.mix) != 3 or any(m < 0 for m in cfg.mix) or sum(cfg.mix) <= 0:
-        raise ValueError(f"mix must be three non-negative weights for c, c+bg, c+rel; got {cfg.mix}")
-    if cfg.dedup not in ("auto", "minilm", "text", "none"):
-        raise ValueError(f"dedup={cfg.dedup!r} is not allowed; choose auto, minilm, text or none")
-    if not 0 < cfg.near_dup_threshold <= 1:
-        raise ValueError(f"near_dup_threshold must be in (0, 1], got {cfg.near_dup_threshold}")
+    """Check every value (also done when the config loads; here for configs built in code)."""
+    check_config(cfg)
 
 
 class _Deduper:
@@ -111,9 +147,129 @@ class _Deduper:
         return keep, len(captions) - len(keep)
 
 
+class _ConceptFailed(Exception):
+    """Some requests of a concept got no reply (after their retries): the concept is not done."""
+
+    def __init__(self, causes: Counter, none_answered: bool):
+        super().__init__(format_causes(causes))
+        self.causes, self.none_answered = causes, none_answered
+
+
+REPLIES_FORMAT = "synrep-caption-replies"
+
+
+class _ReplyLog:
+    """The replies an unfinished concept has got so far: ``parts/concept-00007.replies.jsonl``.
+
+    For backends whose requests can fail one by one (``remote``). One JSON line per reply, keyed by the
+    request's ``(index, attempt)``, plus lines counting failures and retries. A concept whose requests
+    failed is not marked done; a rerun replays the replies kept here and sends only the requests without
+    one, so it repeats exactly what failed (or what a kill cut off) and writes the captions a run without
+    failures writes. The first line holds the settings the replies were made with: a file made with other
+    settings is ignored. The file is deleted when the concept is done.
+    """
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.header = {"format": REPLIES_FORMAT, "version": 1, "settings": settings}
+        self.replies: dict[tuple[int, int], str] = {}
+        self.failures: Counter = Counter()  # requests that got no reply, in earlier runs and this one
+        self.retries: Counter = Counter()  # failed attempts tried again
+        self._started = False  # the file holds a matching header (append to it)
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            head = json.loads(lines[0]) if lines else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            LOG.info("ignoring unreadable %s (%s)", self.path, err)
+            return
+        if head != self.header:
+            LOG.info("ignoring %s: its replies were made with other settings", self.path)
+            return
+        self._started = True
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+                if "text" in rec:
+                    self.replies[(int(rec["index"]), int(rec["attempt"]))] = str(rec["text"])
+                else:
+                    self.failures.update({str(k): int(v) for k, v in rec.get("failed", {}).items()})
+                    self.retries.update({str(k): int(v) for k, v in rec.get("retried", {}).items()})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                continue  # a line cut short by a kill: that request is simply sent again
+
+    def get(self, request: CaptionRequest) -> str | None:
+        return self.replies.get((request.index, request.attempt))
+
+    def add(self, answered: list[tuple[CaptionRequest, str]], failed: Counter, retried: Counter) -> None:
+        lines = []
+        for req, text in answered:
+            self.replies[(req.index, req.attempt)] = text
+            lines.append(json.dumps({"index": req.index, "attempt": req.attempt, "text": text}))
+        if failed or retried:
+            lines.append(json.dumps({"failed": dict(failed), "retried": dict(retried)}))
+        self.failures.update(failed)
+        self.retries.update(retried)
+        if not lines:
+            return
+        if not self._started:
+            lines.insert(0, json.dumps(self.header))
+            mode = "w"
+        else:
+            mode = "a"
+            with open(self.path, "rb") as fh:  # after a line cut short by a kill, start on a fresh line
+                size = fh.seek(0, 2)
+                if size:
+                    fh.seek(size - 1)
+                    if fh.read(1) != b"\n":
+                        lines.insert(0, "")
+        with open(self.path, mode, encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self._started = True
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _reply_settings(cfg: CaptionsConfig, concept_name: str) -> dict:
+    """What a reply to request ``(index, attempt)`` of a concept depends on, besides the server."""
+    keys = ("backend", "api_model", "seed", "mix", "num_examples", "examples_file", "backgrounds", "temperature",
+            "top_p", "max_new_tokens", "chat")
+    return {"concept": concept_name, **{k: getattr(cfg, k) for k in keys}}
+
+
+def _ask(backend, requests: list[CaptionRequest], log: _ReplyLog | None) -> list[str]:
+    """The raw replies to ``requests``: from ``log`` where it has them, the others from the backend.
+
+    Raises :class:`_ConceptFailed` when any request got no reply; the replies that did come are logged first.
+    """
+    replies: list = [log.get(r) if log is not None else None for r in requests]
+    missing = [k for k, r in enumerate(replies) if r is None]
+    if not missing:
+        return replies
+    retried_before = Counter(getattr(backend, "retried", {}))
+    sent = backend.generate([requests[k] for k in missing])
+    retried = Counter(getattr(backend, "retried", {})) - retried_before
+    failed = Counter(r.cause for r in sent if isinstance(r, Failed))
+    if log is not None:
+        log.add([(requests[k], r) for k, r in zip(missing, sent) if not isinstance(r, Failed)], failed, retried)
+    if failed:
+        raise _ConceptFailed(failed, none_answered=sum(failed.values()) == len(sent))
+    for k, reply in zip(missing, sent):
+        replies[k] = reply
+    return replies
+
+
 def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, backend, pools, backgrounds,
-                      deduper) -> tuple[list[dict], dict]:
-    """Captions for one concept: batched first attempts, failed ones retried, then de-duplicated, topped up."""
+                      deduper, log: _ReplyLog | None = None) -> tuple[list[dict], dict]:
+    """Captions for one concept: batched first attempts, rejected ones retried, then de-duplicated, topped up.
+
+    A request that gets no reply stops the concept with :class:`_ConceptFailed` (a failure is never a
+    rejection: retrying it with a new sample would change what a healthy run writes).
+    """
     concept = concepts.concepts[index]
     mix = dict(zip(TEMPLATES, cfg.mix))
     bgs = backgrounds.get(concept.name) or generic_backgrounds()
@@ -129,7 +285,7 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
         pending = requests
         while pending:  # first attempts batched, then every retry round batched too
             retry = []
-            for req, raw in zip(pending, backend.generate(pending)):
+            for req, raw in zip(pending, _ask(backend, pending, log)):
                 caption, reason = clean_caption(raw, concept.mentions, cfg.min_words, cfg.max_words, prompt_input(req))
                 if caption is not None:
                     results.append({"caption": caption, "concept": concept.name, "template": req.template,
@@ -148,7 +304,8 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
         duplicates += removed
         kept = [candidates[i] for i in keep][: cfg.per_concept]
     stats = {"concept": concept.name, "captions": len(kept), "rejected": rejected, "duplicates": duplicates,
-             "reject_reasons": dict(reasons), "templates": dict(Counter(r["template"] for r in kept))}
+             "reject_reasons": dict(reasons), "templates": dict(Counter(r["template"] for r in kept)),
+             "request_failures": dict(log.failures) if log else {}, "request_retries": dict(log.retries) if log else {}}
     if len(kept) < cfg.per_concept:
         LOG.warning("concept %r: only %d of %d captions after %d rounds (%d rejected, %d duplicates)",
                     concept.name, len(kept), cfg.per_concept, rounds, rejected, duplicates)
@@ -158,13 +315,37 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
 def _make_backend(cfg: CaptionsConfig):
     settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     if cfg.backend.startswith("openai:"):
-        return make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency,
-                            timeout_s=cfg.timeout_s, retries=cfg.max_retries, api_key_env=cfg.api_key_env)
+        return make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+                            retries=cfg.max_retries, backoff_s=cfg.backoff_s, api_key_env=cfg.api_key_env)
     return make_backend(cfg.backend, settings, chat=cfg.chat)
 
 
+def _backend_where(cfg: CaptionsConfig, backend=None) -> str:
+    url = getattr(backend, "url", None)
+    return url or (cfg.backend[len("openai:"):] if cfg.backend.startswith("openai:") else f"the {cfg.backend} backend")
+
+
+def _failure_message(where: str, failures: Counter, attempts: int, unfinished: int, not_started: int, todo: int) -> str:
+    hint = ""
+    if failures.get("connection refused"):
+        hint = "; the server cannot be reached: is it running?"
+    elif failures.get("timeout"):
+        hint = "; raise timeout_s if the server is only slow"
+    left = f"{unfinished} of {todo} concepts unfinished"
+    if not_started:
+        left += f" and {not_started} not started (stopped: the server answered none of a batch)"
+    tried = "tried once each" if attempts == 1 else f"tried up to {attempts} times each"
+    return (f"captions: {sum(failures.values())} requests to {where} got no reply ({tried}; {format_causes(failures)}){hint}; "
+            f"{left}. Finished concepts are kept: rerun the same command to send exactly the requests that failed")
+
+
 def run_captions(cfg: CaptionsConfig) -> Path:
-    """Write ``out_dir/captions.jsonl`` and ``out_dir/summary.json``; returns the captions path."""
+    """Write ``out_dir/captions.jsonl`` and ``out_dir/summary.json``; returns the captions path.
+
+    Raises (RuntimeError) when requests failed, naming the server and the failures by cause: the concepts
+    they belong to are not marked done, so a rerun sends them again. Also raises when fewer than
+    ``min_fraction`` of the captions asked for come out (see :func:`merge_parts`).
+    """
     validate(cfg)
     set_threads(cfg.num_threads)
     info = init_distributed()  # gloo, for the barrier before rank 0 merges/indexes (no-op in one process)
@@ -191,22 +372,45 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     if len(todo) < len(mine):
         LOG.info("resuming: %d of %d concepts already done", len(mine) - len(todo), len(mine))
     start = time.time()
-    made = 0
+    made, unfinished, failures, stopped_at, refused = 0, 0, Counter(), None, None
     if todo:
         backend = backend or _make_backend(cfg)
+        remote = getattr(backend, "remote", False)
         pools = load_example_pools(cfg.examples_file or None) if cfg.backend != "template" else None
         deduper = _Deduper(cfg.dedup, cfg.near_dup_threshold)
-        with tqdm(total=len(todo), desc=f"captions ({cfg.backend})", unit="concept", disable=not info.is_main,
-                  dynamic_ncols=True) as bar:
-            for i in todo:
-                records, stats = _concept_captions(cfg, concepts, i, backend, pools, backgrounds, deduper)
-                made += len(records)
-                atomic_write_text(parts / f"concept-{i:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-                atomic_write_json(parts / f"concept-{i:05d}.json", stats)
-                bar.update(1)
-                bar.set_postfix(captions_per_s=f"{made / max(time.time() - start, 1e-9):.1f}")
-        backend.close()
+        try:
+            with tqdm(total=len(todo), desc=f"captions ({cfg.backend})", unit="concept", disable=not info.is_main,
+                      dynamic_ncols=True) as bar:
+                for k, i in enumerate(todo):
+                    log = _ReplyLog(parts / f"concept-{i:05d}.replies.jsonl", _reply_settings(cfg, concepts.concepts[i].name)) \
+                        if remote else None
+                    try:
+                        records, stats = _concept_captions(cfg, concepts, i, backend, pools, backgrounds, deduper, log)
+                    except _ConceptFailed as err:  # not marked done: a rerun sends the failed requests again
+                        unfinished += 1
+                        failures.update(err.causes)
+                        if err.none_answered:  # the server is down or broken: don't hammer it concept after concept
+                            stopped_at = k + 1
+                            break
+                        bar.update(1)
+                        continue
+                    made += len(records)
+                    atomic_write_text(parts / f"concept-{i:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+                    atomic_write_json(parts / f"concept-{i:05d}.json", stats)
+                    if log is not None:
+                        log.finish()
+                    bar.update(1)
+                    bar.set_postfix(captions_per_s=f"{made / max(time.time() - start, 1e-9):.1f}")
+        except ServerRefused as err:  # 401/403/404: stop at once (after the barrier, so other ranks are not left waiting)
+            refused = err
+        finally:
+            backend.close()
     barrier()
+    if refused is not None:
+        raise refused
+    if failures:
+        raise BackendError(_failure_message(_backend_where(cfg, backend), failures, 1 + cfg.max_retries, unfinished,
+                                            len(todo) - stopped_at if stopped_at else 0, len(todo)))
     if info.is_main:
         return merge_parts(cfg, concepts, time.time() - start, made)
     return out / CAPTIONS_FILE
@@ -214,6 +418,9 @@ def run_captions(cfg: CaptionsConfig) -> Path:
 
 def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made: int) -> Path:
     """Interleave the finished parts into ``captions.jsonl`` (ids 0..N-1 in file order) and write the summary.
+
+    Raises RuntimeError, writing nothing, when the parts hold no captions or fewer than ``min_fraction`` of
+    ``concepts x per_concept``.
 
     The order is a uniformly random interleave seeded by ``cfg.seed`` (each part's own order kept): the
     same as picking, line by line, a part with probability proportional to its lines left.
@@ -227,6 +434,9 @@ def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made
             raise RuntimeError(f"concept {i} ({concepts.concepts[i].name}) has no finished part in {parts}; rerun the command")
         per_concept.append(json.loads(marker.read_text()))
     counts = [int(p["captions"]) for p in per_concept]
+    rejected, duplicates = sum(p["rejected"] for p in per_concept), sum(p["duplicates"] for p in per_concept)
+    reasons = sum((Counter(p["reject_reasons"]) for p in per_concept), Counter())
+    _check_enough(cfg, sum(counts), len(concepts.concepts) * cfg.per_concept, rejected, reasons, duplicates, parts)
     templates: Counter = Counter()
     words = WordCounter()
     reader = _PartLines([parts / f"concept-{i:05d}.jsonl" for i in range(len(counts))], counts)
@@ -251,8 +461,10 @@ def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made
         "captions": written.records, "concepts": len(concepts.concepts), "backend": cfg.backend,
         "per_concept": {p["concept"]: p["captions"] for p in per_concept},
         "per_template": dict(templates),
-        "rejected": sum(p["rejected"] for p in per_concept), "duplicates": sum(p["duplicates"] for p in per_concept),
-        "reject_reasons": dict(sum((Counter(p["reject_reasons"]) for p in per_concept), Counter())),
+        "rejected": rejected, "duplicates": duplicates, "reject_reasons": dict(reasons),
+        # requests that got no reply in an earlier run (sent again since) and failed attempts retried, by cause
+        "request_failures": dict(sum((Counter(p.get("request_failures", {})) for p in per_concept), Counter())),
+        "request_retries": dict(sum((Counter(p.get("request_retries", {})) for p in per_concept), Counter())),
         "distinct_word_ratio": round(words.ratio(), 4),
         "min_per_concept": int(min(counts)), "max_per_concept": int(max(counts)),
         "seconds_this_run": round(seconds, 2), "captions_this_run": made,
@@ -263,6 +475,21 @@ def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made
              written.records, len(concepts.concepts), summary["per_template"], summary["rejected"], summary["duplicates"],
              summary["distinct_word_ratio"], out / CAPTIONS_FILE)
     return out / CAPTIONS_FILE
+
+
+def _check_enough(cfg: CaptionsConfig, made: int, asked: int, rejected: int, reasons: Counter, duplicates: int,
+                  parts: Path) -> None:
+    if made > 0 and made >= cfg.min_fraction * asked:
+        return
+    share = made / asked if asked else 0.0
+    what = "no captions" if made == 0 else f"only {made} of the {asked} captions asked for ({share:.0%} < min_fraction={cfg.min_fraction})"
+    accept = f"rerun with min_fraction={math.floor(share * 100) / 100} to accept them, or " if made else ""
+    raise RuntimeError(
+        f"captions: {what} from {_backend_where(cfg)}: replies rejected by cleaning: {format_causes(reasons) or 'none'} "
+        f"({rejected} requests left without a caption after {cfg.max_retries} retries), {duplicates} duplicates removed; "
+        f"nothing merged. The finished concepts in {parts} are kept: "
+        f"{accept}delete {parts} (or use another out_dir) to write them anew with other settings "
+        "(e.g. min_words, max_words, max_retries, temperature, another model)")
 
 
 _ROUND = 500_000_000  # numpy's multivariate hypergeometric needs totals below 1e9: longer files go in rounds
