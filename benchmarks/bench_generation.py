@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 from common import report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny SD pipeline lives with the tests
 from synrep.captions.stage import CaptionsConfig, run_captions
 from synrep.generate.generators import DrawSettings, make_generator
 from synrep.generate.stage import GenerateConfig, initial_noise, run_generate
@@ -33,7 +36,7 @@ def main() -> dict:
     try:
         captions = run_captions(CaptionsConfig(out_dir=str(tmp / "captions"), per_concept=4, dedup="text"))
         from synrep.captions.stage import read_captions
-        from synrep.generate.tiny_pipeline import build_tiny_sd_pipeline
+        from tiny_sd import build_tiny_sd_pipeline
 
         tiny = build_tiny_sd_pipeline(tmp / "tiny-sd")
         rows, ratios = [], {}

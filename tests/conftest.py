@@ -23,7 +23,7 @@ def captions_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_generator_dir(tmp_path_factory):
     """A randomly initialised embedded generator saved like the shipped one."""
-    from synrep.generator.model import EmbeddedGenerator, EmbeddedModelConfig
+    from synrep.embedded_t2i.model import EmbeddedGenerator, EmbeddedModelConfig
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("generator")

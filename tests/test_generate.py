@@ -17,7 +17,7 @@ from synrep.shards import list_shards, read_shard
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from synrep.generate.tiny_pipeline import build_tiny_sd_pipeline
+    from tiny_sd import build_tiny_sd_pipeline
 
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from synrep.config import load_config
-from synrep.generator.model import GeneratorError, load_embedded_generator, shipped_generator_dir
-from synrep.generator.train import GeneratorTrainConfig, train_generator
+from synrep.embedded_t2i.model import GeneratorError, load_embedded_generator, shipped_generator_dir
+from synrep.embedded_t2i.train import GeneratorTrainConfig, train_generator
 
 
 def test_builds_from_config_and_samples_shape_dtype_range(random_generator_dir):

@@ -19,7 +19,7 @@ def build_tiny_sd_pipeline(folder: str | Path, seed: int = 0, sample_size: int =
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    from ..text_encoder import minilm_dir
+    from synrep.text_encoder import minilm_dir
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)

@@ -55,10 +55,10 @@ def _config_class(command: str, sub: str | None):
         from .study import StudyConfig
         return StudyConfig
     if command == "generator" and sub == "train":
-        from .generator.train import GeneratorTrainConfig
+        from .embedded_t2i.train import GeneratorTrainConfig
         return GeneratorTrainConfig
     if command == "generator" and sub == "fidelity":
-        from .generator.fidelity import FidelityConfig
+        from .embedded_t2i.fidelity import FidelityConfig
         return FidelityConfig
     raise ConfigError(f"no config for {command} {sub or ''}")
 
@@ -180,11 +180,11 @@ def _dispatch(args) -> int:
 
         print(run_study(cfg))
     elif args.command == "generator" and sub == "train":
-        from .generator.train import train_generator
+        from .embedded_t2i.train import train_generator
 
         print(train_generator(cfg, resume=not args.no_resume))
     elif args.command == "generator" and sub == "fidelity":
-        from .generator.fidelity import run_fidelity
+        from .embedded_t2i.fidelity import run_fidelity
 
         results = run_fidelity(cfg)
         print(json.dumps({s: round(r["mean_fidelity"], 1) for s, r in results["scales"].items()}))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..captions.concepts import load_concepts
 from ..config import save_config
 from ..datasets import load_dataset
-from ..generate.generators import to_uint8
+from ..images import to_uint8
 from ..plots import save_curve, save_image_grid
 from ..training.backbones import SmallCNN
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, set_threads, stable_seed

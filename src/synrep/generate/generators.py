@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..images import to_uint8
+
 LOG = logging.getLogger("synrep.generate")
 SCHEDULERS = ("ddim", "dpm", "euler")
 
@@ -37,18 +39,11 @@ class DrawSettings:
     width: int = 0
 
 
-def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """float ``[B, C, H, W]`` tensor or ``[B, H, W, C]`` array in [0, 1] -> uint8 ``[B, H, W, C]``."""
-    if isinstance(images, torch.Tensor):
-        images = images.permute(0, 2, 3, 1).float().numpy()
-    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-
-
 class EmbeddedT2I:
     """The embedded model. Only DDIM sampling (deterministic, eta = 0) is offered."""
 
     def __init__(self, folder: str | None = None, device: str = "cpu"):
-        from ..generator.model import GeneratorError, load_embedded_generator
+        from ..embedded_t2i.model import GeneratorError, load_embedded_generator
 
         try:
             self.model = load_embedded_generator(folder, device=device)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import require
+from ..images import uint8_to_float
 from ..sources import Source, SourceError, UnitTable, open_training_source
 from ..streaming import BatchSpec, GroupBatchStream, ShortGroups, batch_loader, steps_per_epoch
 
@@ -137,8 +138,7 @@ def make_batches(source: Source, spec: BatchSpec, loader: LoaderConfig, rank: in
 
 def to_device(batch: dict, device: str | torch.device) -> dict:
     """uint8 ``[B, H, W, C]`` -> float ``[B, C, H, W]`` in [0, 1] on ``device`` (converted there); ids as int64."""
-    images = batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    out = {"images": images.contiguous()}
+    out = {"images": uint8_to_float(batch["images"].to(device, non_blocking=True))}
     for key in ("group", "concept", "image", "text"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
