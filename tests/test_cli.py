@@ -58,3 +58,15 @@ def test_run_quick_end_to_end_writes_report_with_figures(tmp_path, fashion_mnist
     # Rerunning skips every completed stage and rebuilds the same report.
     again = subprocess.run([sys.executable, "-m", "synrep.cli", "run", "--quick", f"out_dir={out}"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("complete, skipped") >= 3
+
+
+def test_each_stage_reports_completion_by_its_own_done_marker(tmp_path):
+    from synrep.captions import stage as captions_stage
+    from synrep.evaluation import stage as eval_stage
+    from synrep.generate import stage as generate_stage
+
+    (tmp_path / "index.json").write_text("{}")  # a run killed after the index, before the summary
+    assert not generate_stage.is_complete(tmp_path) and not captions_stage.is_complete(tmp_path)
+    (tmp_path / "generate_summary.json").write_text("{}")
+    assert generate_stage.is_complete(tmp_path)
+    assert not eval_stage.is_complete(tmp_path) and eval_stage.outputs(tmp_path)["done"].name == "eval.json"

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .captions import stage as captions_stage
 from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
+from .evaluation import stage as eval_stage
 from .evaluation.stage import EvalConfig, evaluate, headline
+from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
-from .shards import INDEX_FILE
-from .training.export import is_exported
+from .training.export import ENCODER_FILE, encoder_dir, is_exported
 from .training.loop import TrainConfig, train
 from .utils import atomic_write_json
 
@@ -52,15 +54,21 @@ QUICK_OVERRIDES = [
 ]
 
 
+def stage_dirs(root: str | Path) -> dict[str, Path]:
+    """A run folder's layout: one folder per stage (each stage owns what it writes inside its folder)."""
+    root = Path(root)
+    return {"captions": root / "captions", "shards": root / "shards", "train": root / "train", "eval": root / "eval"}
+
+
 def stage_paths(cfg: RunConfig) -> RunConfig:
-    """Point every stage at its folder inside ``out_dir`` (captions/, shards/, train/, eval/)."""
-    root = Path(cfg.out_dir)
-    cap = dataclasses.replace(cfg.captions, out_dir=str(root / "captions"), num_threads=cfg.num_threads or cfg.captions.num_threads)
-    gen = dataclasses.replace(cfg.generate, captions=str(root / "captions" / "captions.jsonl"), out_dir=str(root / "shards"),
-                              num_threads=cfg.num_threads or cfg.generate.num_threads)
-    trn = dataclasses.replace(cfg.train, data=str(root / "shards"), out_dir=str(root / "train"),
+    """Point every stage at its folder inside ``out_dir`` and at the previous stage's outputs."""
+    dirs = stage_dirs(cfg.out_dir)
+    cap = dataclasses.replace(cfg.captions, out_dir=str(dirs["captions"]), num_threads=cfg.num_threads or cfg.captions.num_threads)
+    gen = dataclasses.replace(cfg.generate, captions=str(captions_stage.outputs(dirs["captions"])["captions"]),
+                              out_dir=str(dirs["shards"]), num_threads=cfg.num_threads or cfg.generate.num_threads)
+    trn = dataclasses.replace(cfg.train, data=str(dirs["shards"]), out_dir=str(dirs["train"]),
                               num_threads=cfg.num_threads or cfg.train.num_threads)
-    ev = dataclasses.replace(cfg.eval, encoder=str(root / "train" / "encoder"), out_dir=str(root / "eval" / "encoder"),
+    ev = dataclasses.replace(cfg.eval, encoder=str(encoder_dir(dirs["train"])), out_dir=str(dirs["eval"] / "encoder"),
                              num_threads=cfg.num_threads or cfg.eval.num_threads)
     return dataclasses.replace(cfg, captions=cap, generate=gen, train=trn, eval=ev)
 
@@ -80,21 +88,21 @@ def run_pipeline(cfg: RunConfig) -> dict:
     timings_path = root / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    if (root / "captions" / "summary.json").exists():
+    if captions_stage.is_complete(cfg.captions.out_dir):
         LOG.info("[1/4] captions: complete, skipped")
     else:
         LOG.info("[1/4] captions: %s backend, %d per concept of %s", cfg.captions.backend, cfg.captions.per_concept, cfg.captions.concepts)
         _timed(timings, "captions", run_captions, cfg.captions)
         atomic_write_json(timings_path, timings)
 
-    if (root / "shards" / INDEX_FILE).exists():
+    if generate_stage.is_complete(cfg.generate.out_dir):
         LOG.info("[2/4] images: complete, skipped")
     else:
         LOG.info("[2/4] images: %s, %d per caption, guidance %g", cfg.generate.generator, cfg.generate.images_per_caption, cfg.generate.guidance_scale)
         _timed(timings, "generate", run_generate, cfg.generate)
         atomic_write_json(timings_path, timings)
 
-    if is_exported(root / "train" / "encoder"):
+    if is_exported(encoder_dir(cfg.train.out_dir)):
         LOG.info("[3/4] training: complete, skipped")
     else:
         LOG.info("[3/4] training: %s on %s, %d steps", cfg.train.method, cfg.train.backbone.name, cfg.train.steps)
@@ -102,17 +110,17 @@ def run_pipeline(cfg: RunConfig) -> dict:
         atomic_write_json(timings_path, timings)
 
     results = {}
-    encoders = {"encoder": str(root / "train" / "encoder")}
-    backbone = json.loads((root / "train" / "encoder" / "encoder.json").read_text())["backbone"]
+    encoders = {"encoder": str(encoder_dir(cfg.train.out_dir))}
+    backbone = json.loads((encoder_dir(cfg.train.out_dir) / ENCODER_FILE).read_text())["backbone"]
     if "pixels" in cfg.baselines:
         encoders["pixels"] = "pixels"
     if "random" in cfg.baselines:
         encoders["random"] = f"random:{backbone['name']}"
     for name, encoder in encoders.items():
-        folder = root / "eval" / name
-        if (folder / "eval.json").exists():
+        folder = stage_dirs(root)["eval"] / name
+        if eval_stage.is_complete(folder):
             LOG.info("[4/4] evaluation of %s: complete, skipped", name)
-            results[name] = json.loads((folder / "eval.json").read_text())
+            results[name] = json.loads(eval_stage.outputs(folder)["results"].read_text())
             continue
         LOG.info("[4/4] evaluation of %s on real %s test", name, cfg.eval.dataset)
         ev = dataclasses.replace(cfg.eval, encoder=encoder, out_dir=str(folder),

@@ -20,39 +20,47 @@ def _load(path: Path) -> dict | None:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    from .captions import stage as captions_stage
+    from .evaluation import stage as eval_stage
+    from .generate import stage as generate_stage
+    from .pipeline import stage_dirs
+    from .training.export import ENCODER_FILE, encoder_dir
+    from .training.loop import METRICS
+
     root = Path(run_dir)
     if not root.is_dir():
         raise ReportError(f"run folder {root} does not exist")
-    if not any((root / sub).exists() for sub in ("captions", "shards", "train", "eval")):
+    dirs = stage_dirs(root)
+    if not any(folder.exists() for folder in dirs.values()):
         raise ReportError(f"{root} is not a synrep run folder (no captions/, shards/, train/ or eval/ inside)")
     figures = root / "figures"
     figures.mkdir(exist_ok=True)
     lines = [f"# synrep run report: `{root}`", ""]
     timings = _load(root / "timings.json") or {}
 
-    captions = _load(root / "captions" / "summary.json")
+    captions = _load(captions_stage.outputs(dirs["captions"])["summary"])
     if captions:
         lines += ["## 1. Captions", "",
                   f"{captions['captions']} captions for {captions['concepts']} concepts from the `{captions['backend']}` backend; "
                   f"per template {captions['per_template']}; {captions['rejected']} rejected, {captions['duplicates']} duplicates removed; "
                   f"distinct-word ratio {captions['distinct_word_ratio']}.", ""]
         step = max(1, captions["captions"] // 8)
-        sample = [rec for i, rec in enumerate(iter_captions(root / "captions" / "captions.jsonl", 0, 8 * step)) if i % step == 0][:8]
+        sample = [rec for i, rec in enumerate(iter_captions(captions_stage.outputs(dirs["captions"])["captions"], 0, 8 * step)) if i % step == 0][:8]
         lines += [f"- *{r['caption']}* ({r['concept']}, {r['template']})" for r in sample] + [""]
 
-    gen = _load(root / "shards" / "generate_summary.json")
+    gen = _load(generate_stage.outputs(dirs["shards"])["summary"])
     if gen:
         from .generate.stage import write_preview
 
-        write_preview(root / "shards", path=figures / "samples.png")
+        write_preview(dirs["shards"], path=figures / "samples.png")
         speed = f", {gen['images_per_second']} images/s" if gen.get("images_per_second") else ""
         lines += ["## 2. Images", "",
                   f"{gen['images']} images ({gen['captions']} captions x {gen['settings']['images_per_caption']}) from `{gen['generator']}`, "
                   f"guidance {gen['settings']['guidance_scale']}, {gen['settings']['steps']} steps, views `{gen['settings']['views']}`{speed}.", "",
                   "![captions and their generated images](figures/samples.png)", ""]
 
-    metrics = read_jsonl(root / "train" / "metrics.jsonl")
-    encoder_meta = _load(root / "train" / "encoder" / "encoder.json")
+    metrics = read_jsonl(dirs["train"] / METRICS)
+    encoder_meta = _load(encoder_dir(dirs["train"]) / ENCODER_FILE)
     if metrics:
         save_metrics_curve(figures / "loss_curve.png", metrics, "training loss")
         speed = sorted(m["img_per_s"] for m in metrics if "img_per_s" in m)
@@ -67,7 +75,7 @@ def write_report(run_dir: str | Path) -> Path:
     names, rows = [], []
     labels = {"encoder": "synthetic-trained encoder", "pixels": "raw pixels", "random": "random-init encoder (same architecture)"}
     for name in ("encoder", "random", "pixels"):
-        r = _load(root / "eval" / name / "eval.json")
+        r = _load(eval_stage.outputs(dirs["eval"] / name)["results"])
         if r:
             names.append(labels[name])
             rows.append(r)

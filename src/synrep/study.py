@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .captions import stage as captions_stage
 from .captions.stage import CaptionsConfig, run_captions
 from .config import save_config
 from .evaluation.stage import EvalConfig, evaluate
+from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart
-from .shards import INDEX_FILE
 from .training.backbones import BackboneConfig
 from .training.loop import TrainConfig, train
 from .utils import atomic_write_json, atomic_write_text
@@ -60,8 +61,8 @@ def _data_root(cfg: StudyConfig) -> Path:
 def _shards(cfg: StudyConfig, guidance: float, views: str = "independent") -> str:
     name = f"shards_latent_g{guidance:g}" if views == "latent" else f"shards_g{guidance:g}"
     folder = _data_root(cfg) / name
-    if not (folder / INDEX_FILE).exists():
-        run_generate(GenerateConfig(captions=str(_data_root(cfg) / "captions" / "captions.jsonl"), out_dir=str(folder),
+    if not generate_stage.is_complete(folder):
+        run_generate(GenerateConfig(captions=str(captions_stage.outputs(_data_root(cfg) / "captions")["captions"]), out_dir=str(folder),
                                     images_per_caption=cfg.images_per_caption, guidance_scale=guidance, views=views,
                                     sigma=cfg.latent_sigma, seed=cfg.seed, num_threads=cfg.num_threads))
     return str(folder)
@@ -92,7 +93,7 @@ def run_study(cfg: StudyConfig) -> Path:
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
-    if not (_data_root(cfg) / "captions" / "summary.json").exists():
+    if not captions_stage.is_complete(_data_root(cfg) / "captions"):
         run_captions(CaptionsConfig(out_dir=str(_data_root(cfg) / "captions"), per_concept=cfg.captions_per_concept,
                                     seed=cfg.seed, num_threads=cfg.num_threads))
     results = {}

@@ -416,6 +416,16 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     return out / CAPTIONS_FILE
 
 
+def outputs(out_dir: str | Path) -> dict[str, Path]:
+    """What the captions stage writes in ``out_dir``; ``done`` (summary.json) is written last."""
+    out = Path(out_dir)
+    return {"captions": out / CAPTIONS_FILE, "summary": out / SUMMARY_FILE, "done": out / SUMMARY_FILE}
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return outputs(out_dir)["done"].is_file()
+
+
 def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made: int) -> Path:
     """Interleave the finished parts into ``captions.jsonl`` (ids 0..N-1 in file order) and write the summary.
 

@@ -90,6 +90,16 @@ def _as_source(data: LabeledImages | Source | None) -> Source | None:
     return ArraySource(data.images, data.labels, data.class_names, f"{data.name or 'given'} {data.split}".strip())
 
 
+def outputs(out_dir: str | Path) -> dict[str, Path]:
+    """What ``synrep eval`` writes in ``out_dir``; ``done`` (eval.json) is written last."""
+    out = Path(out_dir)
+    return {"results": out / "eval.json", "table": out / "eval.md", "done": out / "eval.json"}
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return outputs(out_dir)["done"].is_file()
+
+
 def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test: LabeledImages | Source | None = None) -> dict:
     """Run the protocols; returns the results dict (also written to ``out_dir``).
 
@@ -145,8 +155,8 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
     results["seconds"] = round(time.time() - start, 1)
     out = Path(cfg.out_dir)
     save_config(cfg, out)
-    atomic_write_json(out / "eval.json", results)
     atomic_write_text(out / "eval.md", results_table([results]))
+    atomic_write_json(outputs(out)["results"], results)  # the stage's done-marker: written last
     LOG.info("eval %s on %s: %s", cfg.encoder, cfg.dataset, headline(results))
     return results
 

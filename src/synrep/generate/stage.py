@@ -27,7 +27,7 @@ from ..captions.stage import captions_path, count_captions, iter_captions
 from ..config import check_config, config_to_dict, require, save_config
 from ..distributed import barrier, init_distributed
 from ..plots import save_image_grid
-from ..shards import ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
+from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
 from ..utils import atomic_write_json, set_threads, stable_seed
 from .generators import DrawSettings, GeneratorSpecError, make_generator
 
@@ -174,6 +174,16 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
     return len(records) * n
 
 
+def outputs(out_dir: str | Path) -> dict[str, Path]:
+    """What the generate stage writes in ``out_dir``; ``done`` (generate_summary.json) is written last."""
+    out = Path(out_dir)
+    return {"index": out / INDEX_FILE, "summary": out / SUMMARY_FILE, "preview": out / "preview.png", "done": out / SUMMARY_FILE}
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return outputs(out_dir)["done"].is_file() and outputs(out_dir)["index"].is_file()
+
+
 def run_generate(cfg: GenerateConfig) -> Path:
     """Draw every caption's images into ``out_dir``; returns ``out_dir``. Raises if any shard failed."""
     validate(cfg)
@@ -246,9 +256,9 @@ def run_generate(cfg: GenerateConfig) -> Path:
                    "seconds_this_run": round(seconds, 2),
                    "images_per_second": round(images_made / seconds, 2) if images_made and seconds > 0 else None,
                    "settings": settings_now}
-        atomic_write_json(out / SUMMARY_FILE, summary)
         if cfg.preview:
             write_preview(out)
+        atomic_write_json(out / SUMMARY_FILE, summary)  # the stage's done-marker: written last
         LOG.info("generated %d images this run (%d total in %d shards) -> %s", images_made, idx["num_images"], idx["num_shards"], out)
     return out
 

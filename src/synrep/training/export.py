@@ -49,6 +49,11 @@ def export_encoder(backbone: torch.nn.Module, backbone_cfg: BackboneConfig, fold
     return folder
 
 
+def encoder_dir(train_out_dir: str | Path) -> Path:
+    """Where ``synrep train`` exports its encoder inside its ``out_dir``."""
+    return Path(train_out_dir) / "encoder"
+
+
 def is_exported(folder: str | Path) -> bool:
     """True when ``folder`` is a complete export (both files; the folder appears only when complete)."""
     folder = Path(folder)
