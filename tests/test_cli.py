@@ -70,3 +70,79 @@ def test_each_stage_reports_completion_by_its_own_done_marker(tmp_path):
     (tmp_path / "generate_summary.json").write_text("{}")
     assert generate_stage.is_complete(tmp_path)
     assert not eval_stage.is_complete(tmp_path) and eval_stage.outputs(tmp_path)["done"].name == "eval.json"
+
+
+# One bad input per row: (command line with {tmp} for the test's folder, what the one error line must name).
+BAD_INPUTS = [
+    ("captions per_concep=3", "unknown config key 'per_concep'"),
+    ("captions --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),
+    ("captions concepts={tmp}/none.yaml out_dir={tmp}/c", "none.yaml' is neither a file nor a shipped list"),
+    ("captions backgrounds={tmp}/none.yaml out_dir={tmp}/c", "background mapping {tmp}/none.yaml does not exist"),
+    ("generate guidance=2", "unknown config key 'guidance'"),
+    ("generate captions={tmp}/none.jsonl out_dir={tmp}/g", "captions file {tmp}/none.jsonl does not exist"),
+    ("generate captions={tmp}/bad.jsonl out_dir={tmp}/g", "bad.jsonl, line 2: not valid JSON"),
+    ("generate captions={tmp}/ok.jsonl out_dir={tmp}/g generator=dalle", "unknown generator 'dalle'"),
+    ("generate --preview out_dir={tmp}/empty", "shard folder {tmp}/empty holds no finished shards"),
+    ("train stepz=3", "unknown config key 'stepz'"),
+    ("train --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),
+    ("train steps=-1", "config key 'steps'"),
+    ("train data={tmp}/none out_dir={tmp}/t", "shard folder {tmp}/none does not exist"),
+    ("eval knn=3", "unknown config key 'knn'"),
+    ("eval encoder=pixels dataset=cifar-99 out_dir={tmp}/e", "unknown dataset 'cifar-99'"),
+    ("eval encoder={tmp}/none out_dir={tmp}/e", "encoder '{tmp}/none' is not pixels"),
+    ("run train.stepz=3", "unknown config key 'train.stepz'"),
+    ("run --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),
+    ("run out_dir={tmp}/r captions.concepts={tmp}/none.txt", "none.txt' is neither a file nor a shipped list"),
+    ("report {tmp}/none", "run folder {tmp}/none does not exist"),
+    ("report {tmp}/damaged", "summary.json is not valid JSON"),
+    ("study stepz=3", "unknown config key 'stepz'"),
+    ("study rows=[simclr-real,foo]", "config key 'rows': unknown study row(s) 'foo'"),
+    ("generator train stepz=3", "unknown config key 'stepz'"),
+    ("generator train dataset=nope out_dir={tmp}/gt", "unknown dataset 'nope'"),
+    ("generator fidelity --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),
+    ("generator fidelity generator={tmp}/none out_dir={tmp}/f", "{tmp}/none is not a synrep embedded generator"),
+]
+
+
+@pytest.mark.parametrize("command, names", BAD_INPUTS, ids=[c.replace("{tmp}/", "") for c, _ in BAD_INPUTS])
+def test_bad_inputs_of_every_command_give_one_line_and_exit_code_2(command, names, tmp_path, capsys):
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00")
+    (tmp_path / "bad.jsonl").write_text('{"caption": "a coat"}\nnot json\n')
+    (tmp_path / "ok.jsonl").write_text('{"caption": "a coat"}\n{"caption": "a bag"}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "damaged" / "captions").mkdir(parents=True)
+    (tmp_path / "damaged" / "captions" / "summary.json").write_text('{"captions": 3,')  # cut short
+    capsys.readouterr()
+    assert main([part.format(tmp=tmp_path) for part in command.split()]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, err
+    assert names.format(tmp=tmp_path) in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("a bug"), PermissionError(13, "Permission denied")])
+def test_errors_that_are_not_synreps_propagate_with_their_traceback(error, tmp_path, monkeypatch):
+    from synrep.captions import stage as captions_stage
+
+    def broken(cfg):
+        raise error
+
+    monkeypatch.setattr(captions_stage, "run_captions", broken)
+    with pytest.raises(type(error)):
+        main(["captions", f"out_dir={tmp_path}"])
+
+
+def test_synrep_errors_keep_their_builtin_base():
+    from synrep.captions.files import CaptionsFileMissing
+    from synrep.config import ConfigError
+    from synrep.errors import SynrepError
+    from synrep.generate.stage import GenerateError, SettingsChanged
+    from synrep.shards import ShardError
+    from synrep.streaming import StreamError
+
+    assert issubclass(ConfigError, SynrepError) and issubclass(ConfigError, ValueError)
+    assert issubclass(CaptionsFileMissing, SynrepError) and issubclass(CaptionsFileMissing, FileNotFoundError)
+    assert issubclass(StreamError, SynrepError) and issubclass(StreamError, RuntimeError)
+    assert issubclass(ShardError, RuntimeError) and issubclass(GenerateError, RuntimeError)
+    assert issubclass(SettingsChanged, ValueError)

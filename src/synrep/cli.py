@@ -9,6 +9,7 @@ import sys
 
 from .config import ConfigError, load_config
 from .distributed import env_dist_info
+from .errors import SynrepError
 from .utils import setup_logging
 
 LOG = logging.getLogger("synrep")
@@ -112,7 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a YAML parser's message spans several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _training_errors() -> tuple[type[BaseException], ...]:
+    """TrainingError and EncoderError, looked up by name in their modules when those are loaded (an error of a
+    module that was never imported cannot have been raised).
+
+    Temporary: this goes once both derive from :class:`SynrepError`."""
+    found = []
+    for module, name in (("synrep.training.loop", "TrainingError"), ("synrep.training.export", "EncoderError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code.
+
+    synrep's own errors (:class:`SynrepError`: bad input, missing data, a refused resume) are logged as one line
+    and give exit code 2; Ctrl-C gives 130. Anything else is a bug, or an error of the operating system (disk
+    full, permission denied), and propagates with its traceback (exit code 1).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(env_dist_info().rank)
@@ -124,9 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         LOG.error("interrupted; completed outputs are kept and a rerun of the same command resumes")
         return 130
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        LOG.error("%s", err)
+    except SynrepError as err:
+        LOG.error("%s", _one_line(err))
         return 2
+    except Exception as err:
+        if isinstance(err, _training_errors()):  # temporary, see _training_errors
+            LOG.error("%s", _one_line(err))
+            return 2
+        raise
 
 
 def _dispatch(args) -> int:

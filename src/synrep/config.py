@@ -17,10 +17,12 @@ from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .errors import SynrepError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SynrepError, ValueError):
     """A config file or override names an unknown key or a value of the wrong type."""
 
 
@@ -207,9 +209,53 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
     return cfg
 
 
+def _nest(values: dict[str, Any]) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def set_values(cfg: T, values: dict[str, Any]) -> T:
+    """A copy of ``cfg`` with each dotted key set to its (type-checked) value."""
+    return _merge(cfg, _nest(values))
+
+
+def preset_layers(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Values that presets set, as full dotted keys: every section of ``cfg`` (itself included) with a
+    ``preset_values()`` method contributes the values of the preset it names."""
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            found.update(preset_layers(value, prefix + f.name + "."))
+    hook = getattr(cfg, "preset_values", None)
+    if callable(hook):
+        found.update({prefix + k: v for k, v in hook().items()})
+    return found
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides, and check its values."""
-    cfg = cls()
+    """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides, and check its values.
+
+    A section that names a preset (a ``preset`` key and a ``preset_values()`` method) gets the preset's values
+    between the defaults and the file: keys given in the file or as overrides win over the preset.
+    """
+    overrides = list(overrides)
+    cfg = _load(cls(), path, overrides)
+    presets = preset_layers(cfg)
+    if presets:
+        cfg = _load(set_values(cls(), presets), path, overrides)
+    check_config(cfg)
+    return cfg
+
+
+def _load(cfg: T, path: str | Path | None, overrides: list[str]) -> T:
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -226,9 +272,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
             cfg = _merge(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    cfg = apply_overrides(cfg, overrides)
-    check_config(cfg)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def _merge(cfg: T, data: dict, prefix: str = "") -> T:
@@ -264,10 +308,14 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """``(dotted key, type or choices, default, meaning)`` for every leaf key of a config class (for ``--help``)."""
+    """``(dotted key, type or choices, default, meaning)`` for every leaf key of a config class (for ``--help``).
+
+    The meaning is the field's trailing comment, or the text the class's ``key_help()`` gives for that key."""
     rows = []
     defaults = cls()
     comments = field_comments(cls)
+    key_help = getattr(cls, "key_help", None)
+    comments.update(key_help() if callable(key_help) else {})  # longer help a class gives for some keys
     for name, tp in _field_types(cls).items():
         value = getattr(defaults, name)
         if dataclasses.is_dataclass(value):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SynrepError
+
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -24,7 +26,7 @@ FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SynrepError, RuntimeError):
     """A dataset is missing or malformed; the message says how to install it or point to it."""
 
 

@@ -6,17 +6,23 @@ import json
 from pathlib import Path
 
 from .captions.stage import iter_captions
+from .errors import SynrepError
 from .evaluation.stage import results_table
 from .plots import save_bar_chart, save_metrics_curve
 from .utils import atomic_write_text, read_jsonl
 
 
-class ReportError(RuntimeError):
-    """The folder is not a synrep run folder."""
+class ReportError(SynrepError, RuntimeError):
+    """The folder is not a synrep run folder, or a summary in it is damaged."""
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not valid JSON ({err}); delete it and rerun the stage that writes it") from None
 
 
 def write_report(run_dir: str | Path) -> Path:

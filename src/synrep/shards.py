@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import SynrepError
 from .utils import atomic_write_json
 
 LOG = logging.getLogger("synrep.shards")
@@ -32,7 +33,7 @@ INDEX_FILE = "index.json"
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 
 
-class ShardError(RuntimeError):
+class ShardError(SynrepError, RuntimeError):
     """A shard is corrupt, truncated, or holds an unsafe or inconsistent member."""
 
 

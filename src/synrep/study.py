@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .captions import stage as captions_stage
 from .captions.stage import CaptionsConfig, run_captions
-from .config import save_config
+from .config import require, save_config
+from .errors import SynrepError
 from .evaluation.stage import EvalConfig, evaluate
 from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
@@ -31,6 +32,10 @@ LOG = logging.getLogger("synrep.study")
 
 ALL_ROWS = ["random-init", "raw-pixels", "simclr-real", "supervised-real", "simclr-synthetic", "supcon-synthetic",
             "stablerep-synthetic", "stablerep+-synthetic", "synclr-synthetic", "genrep-latent-stablerep"]
+
+
+class StudyError(SynrepError, ValueError):
+    """A study that cannot be planned (an unknown row)."""
 
 
 @dataclass
@@ -52,6 +57,10 @@ class StudyConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=10000, protocols=["linear", "knn"]))
     seed: int = 0
     num_threads: int = 0
+
+    def check(self) -> None:
+        unknown = [row for row in self.rows if row not in ALL_ROWS]
+        require(not unknown, "rows", f"unknown study row(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_ROWS)}")
 
 
 def _data_root(cfg: StudyConfig) -> Path:
@@ -82,7 +91,7 @@ def _row_plan(cfg: StudyConfig) -> list[tuple[str, dict]]:
         elif row == "genrep-latent-stablerep":
             plan.append((row, {"method": "stablerep", "data": ("latent", cfg.guidance_scale)}))
         else:
-            raise ValueError(f"unknown study row {row!r}; choose from {', '.join(ALL_ROWS)}")
+            raise StudyError(f"unknown study row {row!r}; choose from {', '.join(ALL_ROWS)}")
     for g in cfg.guidance_sweep:
         if g != cfg.guidance_scale:
             plan.append((f"stablerep-guidance-{g:g}", {"method": "stablerep", "data": ("g", g)}))
@@ -90,6 +99,7 @@ def _row_plan(cfg: StudyConfig) -> list[tuple[str, dict]]:
 
 
 def run_study(cfg: StudyConfig) -> Path:
+    plan = _row_plan(cfg)  # before anything is written: an unknown row fails at once
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
@@ -97,7 +107,7 @@ def run_study(cfg: StudyConfig) -> Path:
         run_captions(CaptionsConfig(out_dir=str(_data_root(cfg) / "captions"), per_concept=cfg.captions_per_concept,
                                     seed=cfg.seed, num_threads=cfg.num_threads))
     results = {}
-    for name, spec in _row_plan(cfg):
+    for name, spec in plan:
         folder = root / "rows" / name
         if (folder / "row.json").exists():
             results[name] = json.loads((folder / "row.json").read_text())

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import SynrepError
+
 MINILM_DIM = 384
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(SynrepError, RuntimeError):
     """The text encoder cannot be found or loaded."""
 
 

@@ -112,3 +112,20 @@ def sha256_arrays(*arrays: np.ndarray) -> str:
 def set_threads(num_threads: int) -> None:
     if num_threads and num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+def bound_heap_growth(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve allocations above ``threshold_bytes`` with mmap and return them to the OS when freed (glibc only).
+
+    glibc raises its mmap threshold after each large free, so streaming many equal chunks (features, images)
+    makes the heap keep every freed chunk: peak memory then grows with the number of chunks, not their size.
+    Fixing the threshold keeps it flat. Returns False where this is not glibc (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

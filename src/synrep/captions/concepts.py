@@ -14,10 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import SynrepError
+
 RELATIONS = ["in", "on", "next to", "behind", "in front of", "over", "under", "above", "below", "beside"]
 
 
-class ConceptError(ValueError):
+class ConceptError(SynrepError, ValueError):
     """A concept list or background mapping is missing, empty or malformed."""
 
 
@@ -136,6 +138,8 @@ def load_backgrounds(path: str | Path) -> dict[str, list[str]]:
         raise ConceptError(f"background mapping {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConceptError(f"background mapping {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as err:
         raise ConceptError(f"background mapping {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import SynrepError
 from ..utils import atomic_write_text
 
 LOG = logging.getLogger("synrep.captions")
@@ -28,6 +29,14 @@ CAPTIONS_FILE = "captions.jsonl"
 OFFSETS_EVERY = 1024
 OFFSETS_FORMAT = "synrep-captions-offsets"
 _CACHE: OrderedDict[tuple, "LineOffsets"] = OrderedDict()  # (path, size, mtime) -> offsets, this process
+
+
+class CaptionsFileError(SynrepError, ValueError):
+    """A captions file that cannot be used: empty, a malformed line (named by file and line number)."""
+
+
+class CaptionsFileMissing(CaptionsFileError, FileNotFoundError):
+    """The captions file (or a folder's ``captions.jsonl``) does not exist."""
 
 
 @dataclass
@@ -56,12 +65,13 @@ class LineOffsets:
 
 
 def captions_path(path: str | Path) -> Path:
-    """The captions file (a folder means its ``captions.jsonl``); FileNotFoundError when there is none."""
+    """The captions file (a folder means its ``captions.jsonl``); :class:`CaptionsFileMissing` (a
+    FileNotFoundError) when there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / CAPTIONS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"captions file {path} does not exist; write one with `synrep captions`")
+        raise CaptionsFileMissing(f"captions file {path} does not exist; write one with `synrep captions`")
     return path
 
 
@@ -144,11 +154,11 @@ def _parse(raw: bytes, path: Path, number: int, index: int) -> dict:
     try:
         rec = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{path}, line {number}: not valid UTF-8") from None
+        raise CaptionsFileError(f"{path}, line {number}: not valid UTF-8") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        raise CaptionsFileError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
-        raise ValueError(f"{path}, line {number}: needs a non-empty string field 'caption'")
+        raise CaptionsFileError(f"{path}, line {number}: needs a non-empty string field 'caption'")
     rec.setdefault("id", index)
     rec.setdefault("concept", "")
     return rec
@@ -159,7 +169,8 @@ def iter_captions(path: str | Path, start: int = 0, stop: int | None = None) -> 
 
     Seeks with the offsets sidecar (built by one scan when missing or stale) and skips at most
     ``OFFSETS_EVERY - 1`` lines; from the start it needs no sidecar. Each caption is validated: a malformed
-    line raises ValueError naming the file and line number. Equal to ``read_captions(path)[start:stop]``.
+    line raises CaptionsFileError (a ValueError) naming the file and line number. Equal to
+    ``read_captions(path)[start:stop]``.
     """
     path = captions_path(path)  # here, not at the first next(): a missing file fails the call
     if start < 0 or (stop is not None and stop < 0):
@@ -185,7 +196,7 @@ def _iter_captions(path: Path, start: int, stop: int | None) -> Iterator[dict]:
                     break
                 LOG.info("captions offsets for %s do not fit the file; rebuilding them", path)  # same size, other lines
             else:
-                raise ValueError(f"{path}: cannot find caption {start} (the file changed while it was read?)")
+                raise CaptionsFileError(f"{path}: cannot find caption {start} (the file changed while it was read?)")
         for raw in fh:
             number += 1
             if _blank(raw):
@@ -200,11 +211,11 @@ def _iter_captions(path: Path, start: int, stop: int | None) -> Iterator[dict]:
 
 
 def read_captions(path: str | Path) -> list[dict]:
-    """All captions of a (small) captions file; a malformed line raises ValueError naming file and line."""
+    """All captions of a (small) captions file; a malformed line raises CaptionsFileError naming file and line."""
     path = captions_path(path)
     records = list(iter_captions(path))
     if not records:
-        raise ValueError(f"captions file {path} is empty")
+        raise CaptionsFileError(f"captions file {path} is empty")
     return records
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SynrepError
 from ..utils import stable_seed
 from .prompts import build_chat, build_prompt
 from .requests import CaptionRequest
@@ -37,7 +38,7 @@ LOG = logging.getLogger("synrep.captions")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class BackendError(RuntimeError):
+class BackendError(SynrepError, RuntimeError):
     """A caption backend cannot be created or reached."""
 
 

@@ -7,21 +7,35 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import SynrepError
 from .requests import TEMPLATES, CaptionRequest
 
 INSTRUCTION = "Write one short, natural sentence describing a photo of the given subject."
 MIN_POOL = {"c": 40, "c+bg": 30, "c+rel": 15}
 
 
+class ExamplesError(SynrepError, ValueError):
+    """An examples file (``examples_file``) is missing or does not hold a list of examples per template."""
+
+
 def load_example_pools(path: str | Path | None = None) -> dict[str, list[str]]:
     """Example pools per template (shipped ``data/prompts/examples.yaml`` unless ``path`` is given)."""
     source = Path(path) if path else Path(str(resources.files("synrep") / "data" / "prompts" / "examples.yaml"))
-    data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    if not source.is_file():
+        raise ExamplesError(f"examples file {source} does not exist")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ExamplesError(f"examples file {source} is not UTF-8 text (a binary file?)") from None
+    except yaml.YAMLError as err:
+        raise ExamplesError(f"examples file {source} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ExamplesError(f"examples file {source} must map each template (c, c+bg, c+rel) to a list of examples")
     pools = {}
     for template in TEMPLATES:
         items = data.get(template)
         if not isinstance(items, list) or not items or not all(isinstance(x, str) and "=>" in x for x in items):
-            raise ValueError(f"{source}: '{template}' must be a list of 'input => caption' strings")
+            raise ExamplesError(f"{source}: '{template}' must be a list of 'input => caption' strings")
         pools[template] = items
     return pools
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..config import check_config, require, save_config
 from ..distributed import barrier, init_distributed
+from ..errors import SynrepError
 from ..utils import atomic_write_json, atomic_write_text, set_threads, stable_seed
 from .backgrounds import llm_backgrounds
 from .cleaning import WordCounter, clean_caption, near_duplicate_mask, normalise
@@ -47,6 +48,10 @@ from .requests import TEMPLATES, CaptionRequest, plan_requests
 
 LOG = logging.getLogger("synrep.captions")
 SUMMARY_FILE = "summary.json"
+
+
+class CaptionsError(SynrepError, RuntimeError):
+    """The captions stage cannot finish: too few captions, or part files that disagree with their done-markers."""
 
 
 @dataclass
@@ -429,8 +434,8 @@ def is_complete(out_dir: str | Path) -> bool:
 def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made: int) -> Path:
     """Interleave the finished parts into ``captions.jsonl`` (ids 0..N-1 in file order) and write the summary.
 
-    Raises RuntimeError, writing nothing, when the parts hold no captions or fewer than ``min_fraction`` of
-    ``concepts x per_concept``.
+    Raises CaptionsError (a RuntimeError), writing nothing, when the parts hold no captions or fewer than
+    ``min_fraction`` of ``concepts x per_concept``.
 
     The order is a uniformly random interleave seeded by ``cfg.seed`` (each part's own order kept): the
     same as picking, line by line, a part with probability proportional to its lines left.
@@ -441,7 +446,7 @@ def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made
     for i in range(len(concepts.concepts)):
         marker = parts / f"concept-{i:05d}.json"
         if not marker.exists():
-            raise RuntimeError(f"concept {i} ({concepts.concepts[i].name}) has no finished part in {parts}; rerun the command")
+            raise CaptionsError(f"concept {i} ({concepts.concepts[i].name}) has no finished part in {parts}; rerun the command")
         per_concept.append(json.loads(marker.read_text()))
     counts = [int(p["captions"]) for p in per_concept]
     rejected, duplicates = sum(p["rejected"] for p in per_concept), sum(p["duplicates"] for p in per_concept)
@@ -494,7 +499,7 @@ def _check_enough(cfg: CaptionsConfig, made: int, asked: int, rejected: int, rea
     share = made / asked if asked else 0.0
     what = "no captions" if made == 0 else f"only {made} of the {asked} captions asked for ({share:.0%} < min_fraction={cfg.min_fraction})"
     accept = f"rerun with min_fraction={math.floor(share * 100) / 100} to accept them, or " if made else ""
-    raise RuntimeError(
+    raise CaptionsError(
         f"captions: {what} from {_backend_where(cfg)}: replies rejected by cleaning: {format_causes(reasons) or 'none'} "
         f"({rejected} requests left without a caption after {cfg.max_retries} retries), {duplicates} duplicates removed; "
         f"nothing merged. The finished concepts in {parts} are kept: "
@@ -569,8 +574,8 @@ class _PartLines:
         if data and not data.endswith(b"\n"):
             data += fh.readline()
         if not data:
-            raise RuntimeError(f"{self.paths[i]} has fewer lines than its done-marker counts; "
-                               "delete it and its .json marker and rerun")
+            raise CaptionsError(f"{self.paths[i]} has fewer lines than its done-marker counts; "
+                                "delete it and its .json marker and rerun")
         self.pos[i] += len(data)
         return [ln for ln in reversed(data.split(b"\n")) if ln.strip()]  # reversed: pop() takes the next
 
@@ -587,7 +592,7 @@ class _PartLines:
                     fh.seek(self.pos[i])
                     extra = any(line.strip() for line in fh)
             if extra:
-                raise RuntimeError(f"{path} has more lines than its done-marker counts; delete it and its .json marker and rerun")
+                raise CaptionsError(f"{path} has more lines than its done-marker counts; delete it and its .json marker and rerun")
 
     def close(self) -> None:
         for fh in self.handles.values():

@@ -94,10 +94,10 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
+    generator = load_embedded_generator(cfg.generator or None)  # a bad generator or concept list fails before any training
+    concepts = load_concepts(cfg.concepts)
     classifier, real_acc = train_classifier(out, cfg.dataset, cfg.classifier_epochs, cfg.seed)
     LOG.info("fidelity classifier: %.2f%% on real %s test", real_acc, cfg.dataset)
-    generator = load_embedded_generator(cfg.generator or None)
-    concepts = load_concepts(cfg.concepts)
     classes = sorted((c for c in concepts.concepts if c.label is not None), key=lambda c: c.label)
     test = load_dataset(cfg.dataset, "test")
     rng = np.random.default_rng(cfg.seed)

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SynrepError
 from ..text_encoder import MINILM_DIM, MiniLMEncoder
 
 GENERATOR_FILE = "synrep_generator.json"
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(SynrepError, RuntimeError):
     """A generator folder is missing or not a synrep embedded generator."""
 
 
@@ -162,10 +163,18 @@ def load_embedded_generator(folder: str | Path | None = None, device: str = "cpu
     if not meta_path.exists():
         raise GeneratorError(f"{folder} is not a synrep embedded generator (no {GENERATOR_FILE}); "
                              "train one with `synrep generator train` or use the shipped default")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("type") != "synrep-embedded-t2i":
-        raise GeneratorError(f"{meta_path}: type {meta.get('type')!r} is not 'synrep-embedded-t2i'")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GeneratorError(f"{meta_path} is not valid JSON ({err}); train the generator again or use the shipped default") from None
+    if not isinstance(meta, dict) or meta.get("type") != "synrep-embedded-t2i":
+        found = meta.get("type") if isinstance(meta, dict) else type(meta).__name__
+        raise GeneratorError(f"{meta_path}: type {found!r} is not 'synrep-embedded-t2i'")
     fields = EmbeddedModelConfig.__dataclass_fields__
     cfg = EmbeddedModelConfig(**{k: v for k, v in meta.items() if k in fields})
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, local_files_only=True).to(device)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError) as err:  # a missing or damaged unet/ folder of the generator named by the user
+        raise GeneratorError(f"cannot load the generator's network from {folder / 'unet'}: {err}") from None
+    unet = unet.to(device)
     return EmbeddedGenerator(cfg, unet=unet)

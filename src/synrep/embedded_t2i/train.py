@@ -26,11 +26,20 @@ from ..captions.requests import plan_requests
 from ..captions.template_backend import TemplateBackend
 from ..config import config_to_dict, save_config
 from ..datasets import load_dataset
+from ..errors import SynrepError
 from ..plots import save_curve
 from ..utils import atomic_torch_save, set_threads, sha256_arrays, stable_seed
 from .model import EmbeddedGenerator, EmbeddedModelConfig, build_train_scheduler
 
 LOG = logging.getLogger("synrep.generator")
+
+
+class GeneratorTrainError(SynrepError, ValueError):
+    """Generator training cannot start: concepts or images that do not fit the model, a checkpoint of another model."""
+
+
+class GeneratorDiverged(SynrepError, FloatingPointError):
+    """The generator's training loss became nan or inf."""
 
 
 @dataclass
@@ -62,7 +71,7 @@ def class_captions(concepts_name: str, class_names: list[str], per_class: int, s
     out = []
     for label in range(len(class_names)):
         if label not in by_label:
-            raise ValueError(f"concept list {concepts_name!r} has no concept with label {label} ({class_names[label]})")
+            raise GeneratorTrainError(f"concept list {concepts_name!r} has no concept with label {label} ({class_names[label]})")
         concept = by_label[label]
         backgrounds = concepts.backgrounds.get(concept.name, []) + generic_backgrounds()
         captions: list[str] = []
@@ -126,8 +135,8 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
     data_hash = sha256_arrays(data.images, data.labels)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [N, C, H, W] in [-1, 1]
     if images.shape[1:] != (cfg.model.channels, cfg.model.image_size, cfg.model.image_size):
-        raise ValueError(f"dataset images are {tuple(images.shape[1:])}, model expects "
-                         f"{(cfg.model.channels, cfg.model.image_size, cfg.model.image_size)}")
+        raise GeneratorTrainError(f"dataset images are {tuple(images.shape[1:])}, model expects "
+                                  f"{(cfg.model.channels, cfg.model.image_size, cfg.model.image_size)}")
     labels = torch.from_numpy(data.labels)
 
     captions = class_captions(cfg.concepts, data.class_names, cfg.captions_per_class, cfg.seed)
@@ -148,9 +157,13 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            unet.load_state_dict(state["unet"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # a checkpoint of another model (other model.* settings)
+            raise GeneratorTrainError(f"{ckpt_path} does not fit this model ({str(err).splitlines()[0]}); "
+                                      "use the model settings it was written with, another out_dir, or --no-resume") from None
         step, losses, wall = int(state["step"]), list(state["losses"]), float(state["wall_s"])
         LOG.info("resumed generator training from %s at step %d", ckpt_path, step)
 
@@ -184,7 +197,7 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
         pred = unet(noisy, t, encoder_hidden_states=ctx, class_labels=pool).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"generator training loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
+            raise GeneratorDiverged(f"generator training loss became {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import SynrepError
 from ..sources import ArraySource, ImageFolderSource, RawGroup, Source, UnitTable
 from ..streaming import SequentialImages, sequential_loader
 from ..training.backbones import BackboneConfig, build_backbone
 from ..training.export import ENCODER_FILE, WEIGHTS_FILE, EncoderError, load_encoder
 from ..training.methods import normalize_images
 from ..utils import atomic_write_json, sha256_arrays
+from .probes import ProbeError
 
 LOG = logging.getLogger("synrep.eval")
 CACHE_FORMAT = 1
@@ -49,7 +51,7 @@ CHUNK_RE = re.compile(r"^chunk-(\d+)\.npy$")
 _OWN_FILES = re.compile(r"^(\.?chunk-\d+(\.labels)?\.npy(\.tmp\d*)?|\.?(features|labels)\.npy(\.tmp\d*)?|\.?(manifest|progress)\.json(\.tmp\d*)?)$")
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(SynrepError, RuntimeError):
     """A feature cache cannot be written or read back; the message names the file."""
 
 
@@ -100,8 +102,8 @@ def resolve_encoder(spec: str, random_backbone: BackboneConfig, seed: int,
         raise EncoderError(f"encoder {spec!r} is not pixels, random:<backbone> or an exported encoder folder "
                            f"(needs {ENCODER_FILE} and {WEIGHTS_FILE}; `synrep train` writes <out_dir>/encoder)")
     try:
-        backbone = json.loads(meta_path.read_text())["backbone"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        backbone = json.loads(meta_path.read_text(encoding="utf-8"))["backbone"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise EncoderError(f"{meta_path} is not a valid encoder description ({err})") from None
     identity = {"kind": "folder", "sha256": file_sha256(weights), "backbone": backbone}
     return FeatureEncoder(spec, int(backbone["image_size"]), int(backbone["in_channels"]), identity,
@@ -128,7 +130,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray | 
     try:
         keep, _ = train_test_split(np.arange(len(labels)), train_size=size, random_state=seed, stratify=labels)
     except ValueError as err:
-        raise ValueError(f"probe_train_size={size}: cannot draw a stratified subset of {len(labels)} images ({err})") from None
+        raise ProbeError(f"probe_train_size={size}: cannot draw a stratified subset of {len(labels)} images ({err})") from None
     return np.sort(keep)
 
 
@@ -360,7 +362,7 @@ def _assemble(folder: Path, settings: dict, encoder: FeatureEncoder, count: int,
     dim = None
     labels = np.empty(count, dtype=np.int64)
     tmp = folder / f".{FEATURES}.tmp{os.getpid()}"
-    out = None
+    out = None  # written with plain sequential writes: a writable mapping would keep every page resident
     for chunk in range(num_chunks):
         path = _chunk_path(folder, chunk)
         begin, end = chunk * batch_size, min(count, (chunk + 1) * batch_size)
@@ -371,17 +373,18 @@ def _assemble(folder: Path, settings: dict, encoder: FeatureEncoder, count: int,
             raise FeatureCacheError(f"feature chunk {path} is missing or unreadable ({err}); rerun to extract it again") from None
         if out is None:
             dim = int(feats.shape[1])
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(count, dim))
+            out = open(tmp, "wb")
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                       "fortran_order": False, "shape": (count, dim)})
         if feats.shape != (end - begin, dim) or chunk_labels.shape != (end - begin,):
             path.unlink()
             raise FeatureCacheError(f"feature chunk {path} holds {feats.shape} features / {chunk_labels.shape} labels, "
                                     f"expected ({end - begin}, {dim}); it was removed, rerun to extract it again")
-        out[begin:end] = feats
+        out.write(np.ascontiguousarray(feats, dtype=np.float16).tobytes())
         labels[begin:end] = chunk_labels
     out.flush()
-    del out
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    os.fsync(out.fileno())
+    out.close()
     os.replace(tmp, folder / FEATURES)
     _save_npy(folder / LABELS, labels)
     manifest = {"settings": settings, "count": count, "feature_dim": dim, "dtype": "float16",

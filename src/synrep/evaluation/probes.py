@@ -20,12 +20,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import SynrepError
+
 LOG = logging.getLogger("synrep.eval")
-CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk on the device
-CPU_RESIDENT_BYTES = 512 << 20  # standardised float32 rows kept in memory across L-BFGS passes on the CPU
+CHUNK_BYTES = 16 << 20  # float32 bytes of one row chunk on the device
+CPU_RESIDENT_BYTES = 96 << 20  # standardised float32 rows kept in memory across L-BFGS passes on the CPU (more: reread)
+SIMILARITY_BYTES = 16 << 20  # kNN: float32 bytes of one [test block, train chunk] similarity matrix
 
 
-class ProbeError(ValueError):
+class ProbeError(SynrepError, ValueError):
     """Features and labels do not fit the protocol (shape mismatch, a class without examples, ...)."""
 
 
@@ -56,8 +59,14 @@ class Rows:
         return Rows(self.array, positions if self.index is None else self.index[positions])
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        if self.index is None and isinstance(self.array, np.memmap) and self.array.flags.c_contiguous:
+            # A plain read, not a slice of the mapping: mapped pages would stay resident in this process.
+            row_bytes = self.array.shape[1] * self.array.dtype.itemsize
+            out = np.fromfile(self.array.filename, dtype=self.array.dtype, count=(stop - start) * self.array.shape[1],
+                              offset=self.array.offset + start * row_bytes)
+            return out.reshape(stop - start, self.array.shape[1])
         if self.index is None:
-            return np.array(self.array[start:stop])  # a copy: memmap slices are read-only
+            return np.array(self.array[start:stop])
         return np.asarray(self.array[self.index[start:stop]])
 
     def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -321,7 +330,7 @@ def knn_predict(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndar
     num_classes = num_classes or int(train_y.max()) + 1
     k = min(k, len(train_x))
     dim = train_x.shape[1]
-    train_rows = train_rows or chunk_rows(dim)
+    train_rows = train_rows or max(256, min(chunk_rows(dim), SIMILARITY_BYTES // (4 * batch)))
     if resident_bytes is None:
         resident_bytes = (torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else CPU_RESIDENT_BYTES)
     labels = torch.as_tensor(train_y, dtype=torch.int64, device=device)

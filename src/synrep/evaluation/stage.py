@@ -23,8 +23,8 @@ from ..config import check_config, require, save_config
 from ..datasets import LabeledImages
 from ..sources import SOURCES, ArraySource, Source, open_real
 from ..training.backbones import BackboneConfig
-from ..utils import atomic_write_json, atomic_write_text, set_threads
-from .features import dataset_identity, resolve_encoder, split_features
+from ..utils import bound_heap_growth, atomic_write_json, atomic_write_text, set_threads
+from .features import FeatureCacheError, dataset_identity, resolve_encoder, split_features
 from .probes import Rows, few_shot, knn_classify, linear_probe, resolve_device
 
 LOG = logging.getLogger("synrep.eval")
@@ -106,6 +106,7 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
     ``train`` / ``test`` replace ``cfg.dataset``'s splits with data in hand (tests, notebooks).
     """
     validate(cfg)
+    bound_heap_growth()  # memory must not grow with the number of feature chunks streamed
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     given = {cfg.train_split: _as_source(train), cfg.test_split: _as_source(test)}
@@ -131,7 +132,7 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
              for split in (cfg.train_split, cfg.test_split)}
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
     if tr.features.shape[1] != te.features.shape[1]:
-        raise RuntimeError(f"feature caches {tr.folder} and {te.folder} disagree on the feature dimension")
+        raise FeatureCacheError(f"feature caches {tr.folder} and {te.folder} disagree on the feature dimension")
     train_x = Rows(tr.features, tr.rows)
     train_y = tr.labels if tr.rows is None else tr.labels[tr.rows]
     test_x = Rows(te.features)

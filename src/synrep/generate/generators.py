@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import SynrepError
 from ..images import to_uint8
 
 LOG = logging.getLogger("synrep.generate")
 SCHEDULERS = ("ddim", "dpm", "euler")
 
 
-class GeneratorSpecError(ValueError):
+class GeneratorSpecError(SynrepError, ValueError):
     """Unknown generator, a folder that is not a pipeline, or settings the model cannot honour."""
 
 

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..captions.files import CaptionsFileError
 from ..captions.stage import captions_path, count_captions, iter_captions
 from ..config import check_config, config_to_dict, require, save_config
 from ..distributed import barrier, init_distributed
+from ..errors import SynrepError
 from ..plots import save_image_grid
 from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
 from ..utils import atomic_write_json, set_threads, stable_seed
@@ -33,6 +35,14 @@ from .generators import DrawSettings, GeneratorSpecError, make_generator
 
 LOG = logging.getLogger("synrep.generate")
 SUMMARY_FILE = "generate_summary.json"
+
+
+class GenerateError(SynrepError, RuntimeError):
+    """The generate stage cannot finish: shards failed, or there is nothing to preview."""
+
+
+class SettingsChanged(GenerateError, ValueError):
+    """A refused resume: ``out_dir`` already holds shards made with other settings."""
 
 
 @dataclass
@@ -192,7 +202,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     captions = captions_path(cfg.captions)
     total = count_captions(captions)
     if not total:
-        raise ValueError(f"captions file {captions} is empty")
+        raise CaptionsFileError(f"captions file {captions} is empty")
     if cfg.limit_captions:
         total = min(total, cfg.limit_captions)
     out = Path(cfg.out_dir)
@@ -206,11 +216,17 @@ def run_generate(cfg: GenerateConfig) -> Path:
     settings_file = out / "generate_config.json"
     settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir", "writer_threads")}
     if settings_file.exists() and list_shards(out):
-        before = json.loads(settings_file.read_text())
+        try:
+            before = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            before = None
+        if not isinstance(before, dict):
+            raise SettingsChanged(f"{settings_file} is unreadable, so the shards in {out} cannot be resumed; "
+                                  "use a new out_dir or delete the old shards")
         changed = sorted(k for k in settings_now if before.get(k) != settings_now[k] and k not in ("batch_captions",))
         if changed:
-            raise ValueError(f"{out} already holds shards made with different settings ({', '.join(changed)}); "
-                             "use a new out_dir or delete the old shards")
+            raise SettingsChanged(f"{out} already holds shards made with different settings ({', '.join(changed)}); "
+                                  "use a new out_dir or delete the old shards")
     if info.is_main:
         save_config(cfg, out)
         atomic_write_json(settings_file, settings_now)
@@ -242,7 +258,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     seconds = time.time() - start
     barrier()
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
+        raise GenerateError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
     if info.is_main:
         gen_name = generator.name if generator else cfg.generator
         image_size = list(read_shard(list_shards(out)[0])[0].images.shape[1:])
@@ -266,8 +282,11 @@ def run_generate(cfg: GenerateConfig) -> Path:
 def write_preview(folder: str | Path, captions: int = 10, path: str | Path | None = None) -> Path:
     """PNG grid: rows = up to ``captions`` caption groups, one per concept first, columns = their images."""
     folder = Path(folder)
+    shards = list_shards(folder)
+    if not shards:
+        raise GenerateError(f"shard folder {folder} holds no finished shards; nothing to preview")
     picked, extra, seen = [], [], set()
-    for shard in list_shards(folder):
+    for shard in shards:
         for sample in read_shard(shard):
             concept = sample.meta.get("concept", "")
             if concept not in seen:
