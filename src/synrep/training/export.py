@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import SynrepError
 from .backbones import BackboneConfig, build_backbone
 
 ENCODER_FILE = "encoder.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class EncoderError(RuntimeError):
+class EncoderError(SynrepError, RuntimeError):
     """A folder or file is not a synrep encoder export."""
 
 
