@@ -118,19 +118,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
-def _training_errors() -> tuple[type[BaseException], ...]:
-    """TrainingError and EncoderError, looked up by name in their modules when those are loaded (an error of a
-    module that was never imported cannot have been raised).
-
-    Temporary: this goes once both derive from :class:`SynrepError`."""
-    found = []
-    for module, name in (("synrep.training.loop", "TrainingError"), ("synrep.training.export", "EncoderError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code.
 
@@ -152,11 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     except SynrepError as err:
         LOG.error("%s", _one_line(err))
         return 2
-    except Exception as err:
-        if isinstance(err, _training_errors()):  # temporary, see _training_errors
-            LOG.error("%s", _one_line(err))
-            return 2
-        raise
 
 
 def _dispatch(args) -> int:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import SynrepError
+
 VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
     "vit-micro": (128, 4, 4),
     "vit-tiny": (192, 12, 3),
@@ -22,6 +24,10 @@ VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
 }
 BACKBONES = ("cnn", "resnet", *VIT_SIZES, "timm:<name>")
 
+
+
+class BackboneError(SynrepError, ValueError):
+    """A backbone setting the architecture cannot honour (patch size vs image size, timm missing, ...)."""
 
 @dataclass
 class BackboneConfig:
@@ -82,7 +88,7 @@ def conv_patch_stem(in_channels: int, dim: int, patch_size: int) -> nn.Sequentia
     Early convolutions give a small ViT the locality prior it cannot learn from a few thousand images.
     """
     if patch_size & (patch_size - 1):
-        raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
+        raise BackboneError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
     layers, cin, width = [], in_channels, max(16, dim // 4)
     for _ in range(max(0, patch_size.bit_length() - 1)):
         layers += [nn.Conv2d(cin, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
@@ -97,7 +103,7 @@ class VisionTransformer(nn.Module):
                  conv_stem: bool = False):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+            raise BackboneError(f"backbone.image_size {image_size} is not divisible by patch_size {patch_size}")
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.patch_embed = conv_patch_stem(in_channels, dim, patch_size) if conv_stem else nn.Conv2d(in_channels, dim, patch_size, patch_size)
@@ -205,7 +211,7 @@ class TimmBackbone(nn.Module):
         try:
             import timm
         except ImportError as err:
-            raise ValueError(f"backbone 'timm:{name}' needs timm (pip install timm; it also needs torchvision): {err}") from None
+            raise BackboneError(f"backbone 'timm:{name}' needs timm (pip install timm; it also needs torchvision): {err}") from None
         self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=cfg.in_channels, img_size=cfg.image_size) \
             if "vit" in name else timm.create_model(name, pretrained=False, num_classes=0, in_chans=cfg.in_channels)
         self.feature_dim = self.model.num_features
@@ -226,4 +232,4 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
                                  cfg.depth or depth, cfg.num_heads or heads, cfg.conv_stem)
     if cfg.name.startswith("timm:"):
         return TimmBackbone(cfg.name[5:], cfg)
-    raise ValueError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
+    raise BackboneError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import check_config, config_to_dict, require, save_config
+from ..errors import SynrepError
 from ..distributed import barrier, cleanup, init_distributed
 from ..plots import save_metrics_curve
 from ..utils import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl, set_threads, stable_seed
@@ -36,13 +37,14 @@ from .data import LoaderConfig, check_data, make_batches, open_data, to_device
 from .export import export_encoder
 from .metrics import MetricWindow
 from .methods import METHODS, MethodConfig, build_method
+from .presets import PresetName, describe_presets, preset_values
 
 LOG = logging.getLogger("synrep.train")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SynrepError, RuntimeError):
     """Training cannot go on (bad settings, or a NaN/inf loss)."""
 
 
@@ -50,6 +52,7 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     data: str = "runs/shards"  # shard folder from `synrep generate`, or real:<dataset> / imagefolder:<root> / wds:<folder>
     out_dir: str = "runs/train"  # checkpoint, metrics.jsonl, config.yaml and the exported encoder/ go here
+    preset: PresetName = "demo"  # a method's published recipe (method, loss, heads, augmentations, schedules, optimizer); explicit keys override it
     method: str = "stablerep"  # training objective (registered methods: simclr, supcon, stablerep, stablerep+, synclr, supervised)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -59,12 +62,14 @@ class TrainConfig:
     images_per_group: int = 4  # images drawn from each caption group (k); they are each other's positives
     short_groups: ShortGroups = "error"  # a group with fewer than k images: error, fewer (use all it has) or skip
     steps: int = 300  # optimizer steps in all
-    base_lr: float = 1e-3  # peak learning rate for a global batch of 256 (scaled by lr_scaling)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (betas 0.9, 0.98) or SGD with momentum 0.9 (GenRep)
+    base_lr: float = 1e-3  # peak learning rate for a global batch of 256 images (scaled by lr_scaling)
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # relative to a global batch of 256
     warmup_steps: int = 30  # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.01  # final learning rate as a fraction of the peak
-    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, tokens)
-    grad_clip: float = 3.0  # clip the global gradient norm to this
+    weight_decay: float = 0.05  # weight decay (not on norms, biases, tokens)
+    grad_clip: float = 3.0  # clip the global gradient norm to this (0 = no clipping, as the reference trainers)
+    encoder: Literal["student", "teacher"] = "student"  # backbone exported as out_dir/encoder: the trained one, or the EMA teacher (DINO/iBOT evaluate the teacher; synclr)
     checkpoint_every: int = 100  # write checkpoint.pt every this many steps (and at the end)
     log_every: int = 10  # append a metrics.jsonl row every this many steps
     seed: int = 0  # seeds the model, the data order and the augmentations
@@ -77,13 +82,25 @@ class TrainConfig:
 
     def check(self) -> None:
         require(self.method in METHODS, "method", f"{self.method!r} is not allowed; choose one of {', '.join(METHODS)}")
+        require(self.encoder == "student" or METHODS[self.method].has_teacher, "encoder",
+                f"method {self.method} has no EMA teacher; encoder=teacher needs one of "
+                f"{', '.join(n for n, m in METHODS.items() if m.has_teacher)}")
         for key in ("steps", "groups_per_batch", "images_per_group", "log_every", "checkpoint_every"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("limit_groups", "warmup_steps", "stop_after", "num_threads", "weight_decay"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(math.isfinite(self.base_lr) and self.base_lr > 0, "base_lr", f"must be a positive number, got {self.base_lr}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
+
+    def preset_values(self) -> dict:
+        """The values ``preset`` sets (dotted keys); ``load_config`` applies them under explicit keys."""
+        return preset_values(self.preset)
+
+    @classmethod
+    def key_help(cls) -> dict[str, str]:
+        """Longer ``--help`` text for some keys: what each preset sets."""
+        return {"preset": describe_presets()}
 
 
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
@@ -104,6 +121,13 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
         return peak * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -192,7 +216,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(source.class_names), cfg.steps).to(device)
     peak_lr = scaled_lr(cfg, info.world_size)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.98))
+    optimizer = build_optimizer(cfg, model, peak_lr)
     use_amp = cfg.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step = 0
@@ -249,7 +273,8 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        model.before_optimizer_step(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         scaler.step(optimizer)
         scaler.update()
         window.add(step, loss, terms, grad_norm, model.after_step(step))
@@ -300,13 +325,14 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, source: Source, out: Path, 
     if metrics:
         save_metrics_curve(out / "loss_curve.png", metrics, f"{cfg.method} training loss")
     speed = [m["img_per_s"] for m in metrics if "img_per_s" in m]
-    info = {"method": cfg.method, "data": cfg.data, "steps": cfg.steps, "seed": cfg.seed,
+    info = {"method": cfg.method, "preset": cfg.preset, "weights": cfg.encoder, "data": cfg.data, "steps": cfg.steps, "seed": cfg.seed,
             "final_loss": metrics[-1]["loss"] if metrics else None, "train_config": config_to_dict(cfg)}
     card = f"""# synrep encoder: {cfg.method}
 
 | field | value |
 |---|---|
-| method | {cfg.method} |
+| method | {cfg.method} (preset `{cfg.preset}`) |
+| exported weights | {cfg.encoder}{' (EMA teacher)' if cfg.encoder == 'teacher' else ''} |
 | training data | `{cfg.data}` ({source.description}; classes: {', '.join(source.class_names[:10])}) |
 | backbone | {cfg.backbone.name} ({sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M params, {model.backbone.feature_dim}-d features) |
 | steps x batch | {cfg.steps} x {batch_images} images per rank |
@@ -316,4 +342,4 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, source: Source, out: Path, 
 
 Load it with `synrep.training.export.load_encoder("{out / 'encoder'}")`; evaluate with `synrep eval encoder={out / 'encoder'}`.
 """
-    return export_encoder(model.backbone, cfg.backbone, out / "encoder", info, card)
+    return export_encoder(model.encoder(cfg.encoder), cfg.backbone, out / "encoder", info, card)
