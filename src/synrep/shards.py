@@ -20,7 +20,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -180,27 +180,44 @@ def shard_done(path: str | Path) -> bool:
     return stats.get("bytes") == path.stat().st_size
 
 
-def read_shard(path: str | Path) -> list[GroupSample]:
-    """All samples of one shard, fully checked; raises ShardError on any corruption."""
-    path = Path(path)
-    groups: dict[str, dict] = {}
-    order: list[str] = []
+def iter_tar_samples(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """WebDataset samples ``(key, {ext: bytes})`` of one tar, from sample ``start`` to ``stop``.
+
+    Members of samples before ``start`` are skipped by seeking over their data. Raises ShardError on
+    an unsafe member name or a truncated/corrupt tar.
+    """
+    index, key, fields = -1, None, {}
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 name = check_member_name(member.name)
                 if not member.isfile():
                     raise ShardError(f"{path}: member {name!r} is not a regular file")
-                key, _, ext = name.partition(".")
+                k, _, ext = name.partition(".")
+                if k != key:
+                    if key is not None and index >= start:
+                        yield key, fields
+                    index += 1
+                    key, fields = k, {}
+                    if stop is not None and index >= stop:
+                        return
+                if index < start:
+                    continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise ShardError(f"{path}: member {name!r} is truncated")
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = data
+                fields[ext] = data
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(f"{path}: unreadable or truncated tar ({err})") from None
+    if key is not None and index >= start and (stop is None or index < stop):
+        yield key, fields
+
+
+def read_shard(path: str | Path) -> list[GroupSample]:
+    """All samples of one shard, fully checked; raises ShardError on any corruption."""
+    path = Path(path)
+    groups = dict(iter_tar_samples(path))
+    order = list(groups)
     samples = []
     for key in order:
         fields = groups[key]

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
@@ -29,7 +28,7 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 
 from .datasets import IMAGE_SUFFIXES, DatasetError, load_dataset
-from .shards import IMAGE_EXTS, INDEX_FILE, ShardError, check_member_name
+from .shards import IMAGE_EXTS, INDEX_FILE, ShardError, iter_tar_samples
 
 LOG = logging.getLogger("synrep.sources")
 MAX_IMAGES_PER_GROUP = 1024
@@ -137,39 +136,6 @@ class Source:
 
 
 # --- synrep shards and labelled WebDataset tars -----------------------------------------------------------
-
-def iter_tar_samples(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """WebDataset samples ``(key, {ext: bytes})`` of one tar, from sample ``start`` to ``stop``.
-
-    Members of samples before ``start`` are skipped by seeking over their data. Raises ShardError on
-    an unsafe member name or a truncated/corrupt tar.
-    """
-    index, key, fields = -1, None, {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                name = check_member_name(member.name)
-                if not member.isfile():
-                    raise ShardError(f"{path}: member {name!r} is not a regular file")
-                k, _, ext = name.partition(".")
-                if k != key:
-                    if key is not None and index >= start:
-                        yield key, fields
-                    index += 1
-                    key, fields = k, {}
-                    if stop is not None and index >= stop:
-                        return
-                if index < start:
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise ShardError(f"{path}: member {name!r} is truncated")
-                fields[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardError(f"{path}: unreadable or truncated tar ({err})") from None
-    if key is not None and index >= start and (stop is None or index < stop):
-        yield key, fields
-
 
 def _image_field(fields: dict[str, bytes], j: int | None = None) -> bytes | None:
     for ext in IMAGE_EXTS + ("webp",):
