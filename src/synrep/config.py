@@ -34,6 +34,19 @@ class InvalidValue(ConfigError):
         super().__init__(f"config key '{key}': {message}")
 
 
+def read_yaml(path: Path, what: str, error: type[Exception]):
+    """Parse the YAML file ``path`` (empty file -> ``{}``); ``error`` names it as ``what`` when it is missing,
+    not UTF-8 text, or not valid YAML."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text (a binary file?)") from None
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {err}") from None
+
+
 def require(ok: bool, key: str, message: str) -> None:
     """Raise :class:`InvalidValue` for ``key`` unless ``ok`` (for a config class's ``check()``)."""
     if not ok:
@@ -258,14 +271,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 def _load(cfg: T, path: str | Path | None, overrides: list[str]) -> T:
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        data = read_yaml(path, "config file", ConfigError)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         try:

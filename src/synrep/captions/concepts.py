@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ..config import read_yaml
+
 from ..errors import SynrepError
 
 RELATIONS = ["in", "on", "next to", "behind", "in front of", "over", "under", "above", "below", "beside"]
@@ -133,15 +135,7 @@ def load_concepts(source: str | Path) -> ConceptList:
 
 def load_backgrounds(path: str | Path) -> dict[str, list[str]]:
     """A user mapping ``concept: [background, ...]`` in YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConceptError(f"background mapping {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConceptError(f"background mapping {path} is not UTF-8 text (a binary file?)") from None
-    except yaml.YAMLError as err:
-        raise ConceptError(f"background mapping {path} is not valid YAML: {err}") from None
+    data = read_yaml(Path(path), "background mapping", ConceptError)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ConceptError(f"background mapping {path} must map each concept to a list of backgrounds")
     return {str(k): [str(v) for v in vs] for k, vs in data.items()}

@@ -5,8 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from ..config import read_yaml
 from ..errors import SynrepError
 from .requests import TEMPLATES, CaptionRequest
 
@@ -21,14 +20,7 @@ class ExamplesError(SynrepError, ValueError):
 def load_example_pools(path: str | Path | None = None) -> dict[str, list[str]]:
     """Example pools per template (shipped ``data/prompts/examples.yaml`` unless ``path`` is given)."""
     source = Path(path) if path else Path(str(resources.files("synrep") / "data" / "prompts" / "examples.yaml"))
-    if not source.is_file():
-        raise ExamplesError(f"examples file {source} does not exist")
-    try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ExamplesError(f"examples file {source} is not UTF-8 text (a binary file?)") from None
-    except yaml.YAMLError as err:
-        raise ExamplesError(f"examples file {source} is not valid YAML: {err}") from None
+    data = read_yaml(source, "examples file", ExamplesError)
     if not isinstance(data, dict):
         raise ExamplesError(f"examples file {source} must map each template (c, c+bg, c+rel) to a list of examples")
     pools = {}
