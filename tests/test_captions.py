@@ -88,6 +88,21 @@ def test_resume_after_kill_gives_same_output_without_duplicates(tmp_path):
     assert run_captions(cfg).read_text() == full
 
 
+def test_rerun_with_other_settings_is_refused_and_nothing_is_touched(tmp_path):
+    from synrep.errors import SettingsChanged
+
+    cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), per_concept=4, dedup="text")
+    run_captions(cfg)
+    (tmp_path / "run" / "parts" / "concept-00002.json").unlink()  # a killed run: one concept left to do
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    for change in ({"per_concept": 5}, {"seed": 1}, {"mix": [1.0, 0.0, 0.0]}):
+        with pytest.raises(SettingsChanged, match=f"different settings \\({next(iter(change))}: "):
+            run_captions(dataclasses.replace(cfg, **change))
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    run_captions(dataclasses.replace(cfg, max_retries=5, num_threads=1))  # how requests are sent may change
+    assert (tmp_path / "run" / "parts" / "concept-00002.json").exists()
+
+
 def test_bad_inputs(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
@@ -95,7 +110,7 @@ def test_bad_inputs(tmp_path):
         load_concepts(empty)
     with pytest.raises(ConceptError, match="neither a file nor a shipped list"):
         load_concepts("no-such-list")
-    with pytest.raises(BackendError, match="unknown caption backend"):
+    with pytest.raises(BackendError, match="not a known caption backend"):
         make_backend("gpt9", SamplingSettings())
     with pytest.raises(BackendError, match="does not exist"):
         make_backend("hf:/no/such/model", SamplingSettings())

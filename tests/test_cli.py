@@ -81,7 +81,7 @@ BAD_INPUTS = [
     ("generate guidance=2", "unknown config key 'guidance'"),
     ("generate captions={tmp}/none.jsonl out_dir={tmp}/g", "captions file {tmp}/none.jsonl does not exist"),
     ("generate captions={tmp}/bad.jsonl out_dir={tmp}/g", "bad.jsonl, line 2: not valid JSON"),
-    ("generate captions={tmp}/ok.jsonl out_dir={tmp}/g generator=dalle", "unknown generator 'dalle'"),
+    ("generate captions={tmp}/ok.jsonl out_dir={tmp}/g generator=dalle", "'dalle' is not a known generator"),
     ("generate --preview out_dir={tmp}/empty", "shard folder {tmp}/empty holds no finished shards"),
     ("train stepz=3", "unknown config key 'stepz'"),
     ("train --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),
@@ -137,7 +137,8 @@ def test_synrep_errors_keep_their_builtin_base():
     from synrep.captions.files import CaptionsFileMissing
     from synrep.config import ConfigError
     from synrep.errors import SynrepError
-    from synrep.generate.stage import GenerateError, SettingsChanged
+    from synrep.errors import SettingsChanged
+    from synrep.generate.stage import GenerateError
     from synrep.shards import ShardError
     from synrep.streaming import StreamError
 

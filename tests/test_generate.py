@@ -72,7 +72,7 @@ def test_bad_inputs_are_clear_and_leave_outputs_intact(random_generator_dir, cap
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty"):
         run_generate(GenerateConfig(captions=str(tmp_path / "empty.jsonl"), out_dir=str(tmp_path / "x"), generator=gen))
-    for kwargs, message in [({"generator": "dalle"}, "unknown generator"), ({"generator": f"diffusers:{tmp_path}"}, "not a diffusers pipeline"),
+    for kwargs, message in [({"generator": "dalle"}, "not a known generator"), ({"generator": f"diffusers:{tmp_path}"}, "not a diffusers pipeline"),
                             ({"images_per_caption": 0}, "images_per_caption"), ({"guidance_scale": -1}, "guidance_scale"),
                             ({"guidance_scale": float("nan")}, "guidance_scale"), ({"limit_captions": -198}, "limit_captions"),
                             ({"height": 30}, "28x28"), ({"views": "latent", "sigma": 0}, "sigma")]:
@@ -81,10 +81,11 @@ def test_bad_inputs_are_clear_and_leave_outputs_intact(random_generator_dir, cap
     good = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "good"), generator=gen, limit_captions=4, steps=2, preview=False)
     run_generate(good)
     before = _digests(tmp_path / "good")
-    stale = tmp_path / "good" / ".shard-00000.tar.tmp"  # left by a run killed while writing
+    stale = tmp_path / "good" / ".shard-00000.tar.tmp4242"  # left by a run killed while writing
     stale.write_bytes(b"partial")
     run_generate(good)
     assert not stale.exists() and _digests(tmp_path / "good") == before
+    assert not (tmp_path / "good" / "generate_config.json").exists(), "config.yaml is the one record of the settings"
     with pytest.raises(ValueError, match="different settings"):
         run_generate(GenerateConfig(**{**good.__dict__, "guidance_scale": 7.0}))
     assert _digests(tmp_path / "good") == before
@@ -112,7 +113,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_byte_for_byte(random_generator_d
     assert [p.name for p in list_shards(killed)] == sorted(p.name for p in killed.glob("shard-*.tar"))
     assert _cli(["generate", f"out_dir={killed}", *common]).wait() == 0
     assert _digests(killed) == _digests(tmp_path / "ref")
-    assert not list(killed.glob(".*.tmp"))
+    assert not list(killed.glob(".*.tmp*"))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from synrep.training.backbones import BackboneConfig
 from synrep.training.heads import PatchHead, projection_head
 from synrep.training.loop import TrainConfig
 from synrep.training.masking import block_mask, masked_counts, random_mask
-from synrep.training.methods import MethodConfig, SynCLR, build_method, cosine_momentum
+from synrep.training.methods import METHODS, MethodConfig, SynCLR, build_method, cosine_momentum
 from synrep.training.presets import PRESETS, apply_preset
 
 TINY_VIT = BackboneConfig(name="vit-micro", embed_dim=16, depth=1, num_heads=2)
@@ -158,25 +158,29 @@ def test_teacher_export_exports_the_ema_weights_and_is_refused_without_a_teacher
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_set_what_they_claim_and_explicit_keys_win(name, tmp_path):
-    cfg = load_config(TrainConfig, None, [f"preset={name}"])
+    vit = ["backbone.name=vit-micro"] if METHODS[PRESETS[name]["method"]].needs_patch_tokens else []  # SynCLR masks patch tokens
+    if vit:
+        with pytest.raises(ValueError, match="backbone.name.*patch tokens"):
+            load_config(TrainConfig, None, [f"preset={name}"])  # refused when the config loads, before any data
+    cfg = load_config(TrainConfig, None, [f"preset={name}", *vit])
     for key, value in PRESETS[name].items():
         section, _, leaf = key.rpartition(".")
         got = getattr(getattr(cfg, section) if section else cfg, leaf)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
-    over = load_config(TrainConfig, None, [f"preset={name}", "loss.temperature=0.33", "augment.blur_p=0.0", "base_lr=0.123"])
+    over = load_config(TrainConfig, None, [f"preset={name}", *vit, "loss.temperature=0.33", "augment.blur_p=0.0", "base_lr=0.123"])
     assert (over.loss.temperature, over.augment.blur_p, over.base_lr) == (0.33, 0.0, 0.123)
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text(f"preset: {name}\nloss: {{proj_dim: 7}}\n")
+    yaml_file.write_text(f"preset: {name}\nloss: {{proj_dim: 7}}\n" + ("backbone: {name: vit-micro}\n" if vit else ""))
     from_file = load_config(TrainConfig, yaml_file, ["loss.proj_layers=1"])
     assert from_file.loss.proj_dim == 7 and from_file.loss.proj_layers == 1 and from_file.method == PRESETS[name]["method"]
-    assert apply_preset(TrainConfig(), name) == cfg, "applying a preset in code gives what load_config gives"
+    assert apply_preset(load_config(TrainConfig, None, vit), name) == cfg, "applying a preset in code gives what load_config gives"
 
 
 def test_demo_preset_is_the_default_and_presets_reach_nested_sections():
     from synrep.pipeline import RunConfig
 
     assert load_config(TrainConfig, None, ["preset=demo"]) == TrainConfig() == load_config(TrainConfig)
-    run = load_config(RunConfig, None, ["train.preset=synclr", "train.loss.mask_ratio=0.3"])
+    run = load_config(RunConfig, None, ["train.preset=synclr", "train.backbone.name=vit-micro", "train.loss.mask_ratio=0.3"])
     assert run.train.method == "synclr" and run.train.loss.proj_norm == "ln" and run.train.loss.mask_ratio == 0.3
     assert run.train.steps == 1000, "a preset leaves the run's own settings (steps, batch) alone"
 

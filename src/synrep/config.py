@@ -17,6 +17,7 @@ from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .atomic import atomic_write_text
 from .errors import SynrepError
 
 T = TypeVar("T")
@@ -344,12 +345,22 @@ def config_to_dict(cfg: Any) -> dict:
     return convert(cfg)
 
 
+def changed_settings(saved: dict, now: dict, may_change: Iterable[str] = ()) -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs between two config dicts (keys that only
+    one of them has are skipped: a key added by a newer synrep does not block a resume), except ``may_change``."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    before, after, allowed = flat(saved), flat(now), set(may_change)
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in after if k in before and before[k] != after[k] and k not in allowed]
+
+
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config as YAML into ``out_dir`` (atomically) and return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path

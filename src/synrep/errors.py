@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class SynrepError(Exception):
     """An error synrep explains in one line: bad input, missing data, a refused resume..."""
+
+
+class SettingsChanged(SynrepError, ValueError):
+    """A refused resume: the output folder already holds results made with other settings."""

@@ -25,7 +25,7 @@ from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
 from .training.export import ENCODER_FILE, encoder_dir, is_exported
 from .training.loop import TrainConfig, train
-from .utils import atomic_write_json
+from .atomic import atomic_write_json
 
 LOG = logging.getLogger("synrep.run")
 

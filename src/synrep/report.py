@@ -9,7 +9,8 @@ from .captions.stage import iter_captions
 from .errors import SynrepError
 from .evaluation.stage import results_table
 from .plots import save_bar_chart, save_metrics_curve
-from .utils import atomic_write_text, read_jsonl
+from .atomic import atomic_write_text
+from .utils import read_jsonl
 
 
 class ReportError(SynrepError, RuntimeError):
@@ -60,9 +61,10 @@ def write_report(run_dir: str | Path) -> Path:
 
         write_preview(dirs["shards"], path=figures / "samples.png")
         speed = f", {gen['images_per_second']} images/s" if gen.get("images_per_second") else ""
+        settings = generate_stage.saved_settings(dirs["shards"]) or {}
         lines += ["## 2. Images", "",
-                  f"{gen['images']} images ({gen['captions']} captions x {gen['settings']['images_per_caption']}) from `{gen['generator']}`, "
-                  f"guidance {gen['settings']['guidance_scale']}, {gen['settings']['steps']} steps, views `{gen['settings']['views']}`{speed}.", "",
+                  f"{gen['images']} images ({gen['captions']} captions x {settings.get('images_per_caption', '?')}) from `{gen['generator']}`, "
+                  f"guidance {settings.get('guidance_scale', '?')}, {settings.get('steps', '?')} steps, views `{settings.get('views', '?')}`{speed}.", "",
                   "![captions and their generated images](figures/samples.png)", ""]
 
     metrics = read_jsonl(dirs["train"] / METRICS)

@@ -4,7 +4,7 @@ A sample is a caption's ``n`` images plus one JSON of provenance. Member names f
 ``<key>.<ext>`` rule: ``000000042.json``, ``000000042.0.png``, ``000000042.1.png`` ... so
 ``webdataset`` reads the shards as they are (key ``000000042``, fields ``json``, ``0.png`` ...).
 
-Writing is crash-safe: a shard is written to ``.shard-00003.tar.tmp``, fsynced, renamed to
+Writing is crash-safe: a shard is written to ``.shard-00003.tar.tmp<pid>``, fsynced, renamed to
 ``shard-00003.tar``, and only then is its stats file ``shard-00003.json`` (the done-marker: sample
 and image counts, bytes, sha256) written. Readers see only renamed shards; a rerun rewrites any shard
 without a valid marker. ``index.json`` at the top describes the whole dataset.
@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import SynrepError
-from .utils import atomic_write_json
+from .atomic import atomic_file, atomic_write_json
 
 LOG = logging.getLogger("synrep.shards")
 SHARD_FORMAT = "synrep-shards-v1"
@@ -113,19 +113,17 @@ class ShardWriter:
         if image_format not in ("png", "jpg"):
             raise ValueError(f"image_format {image_format!r} is not allowed; choose png or jpg")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.image_format = image_format
         self.samples = 0
         self.images = 0
         self.extra_stats = extra_stats or {}
         self.concepts: dict[str, int] = {}
-        self._fh = None
+        self._file = None
         self._tar = None
 
     def __enter__(self) -> "ShardWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = atomic_file(self.path)
+        self._tar = tarfile.open(fileobj=self._file.__enter__(), mode="w", format=tarfile.USTAR_FORMAT)
         return self
 
     def add(self, key: str, images: Iterable[np.ndarray], meta: dict) -> None:
@@ -149,16 +147,11 @@ class ShardWriter:
         # The temporary file goes whenever the shard did not complete: an error while writing, or one while
         # closing (e.g. disk full); it never becomes visible under the shard's name.
         try:
-            try:
-                self._tar.close()
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-            finally:
-                self._fh.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            self.tmp.unlink(missing_ok=True)  # a no-op after a successful rename
+            self._tar.close()
+        except BaseException as err:
+            self._file.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._file.__exit__(exc_type, exc, tb)
         if exc_type is not None:
             return
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()

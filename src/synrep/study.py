@@ -26,7 +26,7 @@ from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart
 from .training.backbones import BackboneConfig
 from .training.loop import TrainConfig, train
-from .utils import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
 
 LOG = logging.getLogger("synrep.study")
 

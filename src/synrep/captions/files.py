@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import SynrepError
-from ..utils import atomic_write_text
+from ..atomic import atomic_file, atomic_write_text
 
 LOG = logging.getLogger("synrep.captions")
 CAPTIONS_FILE = "captions.jsonl"
@@ -225,25 +224,17 @@ def write_jsonl_with_offsets(path: Path, lines: Iterator[bytes]) -> LineOffsets:
     Streams through a temporary file that is fsynced and renamed; the old sidecar is removed first, so a
     reader never pairs the new file with old offsets.
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     off = LineOffsets()
     pos = 0
-    try:
-        with open(tmp, "wb") as fh:
-            for line in lines:
-                if off.records % off.every == 0:
-                    off.offsets.append(pos)
-                    off.lines.append(off.records + 1)
-                fh.write(line)
-                pos += len(line)
-                off.records += 1
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_file(path) as fh:
+        for line in lines:
+            if off.records % off.every == 0:
+                off.offsets.append(pos)
+                off.lines.append(off.records + 1)
+            fh.write(line)
+            pos += len(line)
+            off.records += 1
         off.size = pos
         offsets_path(path).unlink(missing_ok=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     save_offsets(path, off)
     return off

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..registry import Registry
 from ..errors import SynrepError
 from ..utils import stable_seed
 from .prompts import build_chat, build_prompt
@@ -308,17 +309,41 @@ def _chat(chat: str) -> bool | None:
     return None if chat == "auto" else chat == "yes"
 
 
-def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", **openai_kwargs):
-    """``template``, ``smollm2``, ``hf:<path-or-id>`` or ``openai:<base-url>``."""
+CAPTION_BACKENDS = Registry("caption backend", BackendError)
+"""Every caption backend: ``factory(argument, settings, **options)`` returns an object with ``name`` and
+``generate(requests) -> list[str | Failed]``. Traits: ``language_model`` (it writes text itself, so it can
+write backgrounds and takes in-context examples) and ``remote`` (requests go to a server)."""
+
+
+@CAPTION_BACKENDS.register("template", help="fills SynCLR's caption templates from the concept list (no model)",
+                           language_model=False, remote=False)
+def _template(_, settings: SamplingSettings, **options):
     from .template_backend import TemplateBackend
 
-    if spec == "template":
-        return TemplateBackend()
-    if spec == "smollm2":
-        gguf = smollm2_gguf()
-        return TransformersBackend(str(gguf.parent), settings, gguf_file=gguf.name, name="smollm2", use_chat=_chat(chat))
-    if spec.startswith("hf:"):
-        return TransformersBackend(spec[3:], settings, use_chat=_chat(chat))
-    if spec.startswith("openai:"):
-        return OpenAIBackend(spec[len("openai:"):], settings, **openai_kwargs)
-    raise BackendError(f"unknown caption backend {spec!r}; choose template, smollm2, hf:<path-or-id> or openai:<base-url>")
+    return TemplateBackend()
+
+
+@CAPTION_BACKENDS.register("smollm2", help="the SmolLM2-135M-Instruct GGUF shipped by the llama-cpp wheel, run by transformers",
+                           language_model=True, remote=False)
+def _smollm2(_, settings: SamplingSettings, chat: str = "auto", **options):
+    gguf = smollm2_gguf()
+    return TransformersBackend(str(gguf.parent), settings, gguf_file=gguf.name, name="smollm2", use_chat=_chat(chat))
+
+
+@CAPTION_BACKENDS.register("hf", argument="<path-or-id>", help="a transformers causal language model (a local folder)",
+                           language_model=True, remote=False)
+def _hf(source: str, settings: SamplingSettings, chat: str = "auto", **options):
+    return TransformersBackend(source, settings, use_chat=_chat(chat))
+
+
+@CAPTION_BACKENDS.register("openai", argument="<http(s)://host:port>", pattern=r"https?://[^/\s]+(/\S*)?",
+                           help="an OpenAI-compatible /v1/completions server (vLLM, llama.cpp, TGI, ...)",
+                           language_model=True, remote=True)
+def _openai(url: str, settings: SamplingSettings, chat: str = "auto", **options):
+    return OpenAIBackend(url, settings, **options)
+
+
+def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", **openai_options):
+    """Build the caption backend ``spec`` names (see :data:`CAPTION_BACKENDS`); ``openai_options`` go to a server
+    backend (model, concurrency, timeout_s, retries, backoff_s, api_key_env)."""
+    return CAPTION_BACKENDS.build(spec, settings, chat=chat, **openai_options)

@@ -33,16 +33,17 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from ..config import check_config, require, save_config
+from ..config import changed_settings, check_config, config_to_dict, read_yaml, require, save_config
 from ..distributed import barrier, init_distributed
-from ..errors import SynrepError
-from ..utils import atomic_write_json, atomic_write_text, set_threads, stable_seed
+from ..errors import SettingsChanged, SynrepError
+from ..atomic import atomic_write_json, atomic_write_text
+from ..utils import set_threads, stable_seed
 from .backgrounds import llm_backgrounds
 from .cleaning import WordCounter, clean_caption, near_duplicate_mask, normalise
 from .concepts import ConceptList, generic_backgrounds, load_backgrounds, load_concepts
 from .files import (CAPTIONS_FILE, captions_path, count_captions, iter_captions, offsets_path,  # noqa: F401 - API
                     read_captions, write_jsonl_with_offsets)
-from .llm_backends import BackendError, Failed, SamplingSettings, ServerRefused, format_causes, make_backend
+from .llm_backends import CAPTION_BACKENDS, BackendError, Failed, SamplingSettings, ServerRefused, format_causes, make_backend
 from .prompts import load_example_pools, prompt_input
 from .requests import TEMPLATES, CaptionRequest, plan_requests
 
@@ -84,11 +85,14 @@ class CaptionsConfig:
     min_fraction: float = 0.9  # fail the stage when fewer than this share of concepts x per_concept captions come out
     num_threads: int = 0
 
+    @classmethod
+    def key_help(cls) -> dict[str, str]:
+        """``--help`` text for keys whose choices come from a registry."""
+        return {"backend": CAPTION_BACKENDS.describe()}
+
     def check(self) -> None:
-        backend_ok = self.backend in ("template", "smollm2") or (self.backend.startswith("hf:") and len(self.backend) > 3) \
-            or bool(re.fullmatch(r"openai:https?://[^/\s]+(/\S*)?", self.backend))
-        require(backend_ok, "backend", f"{self.backend!r} is not allowed; choose template, smollm2, hf:<path-or-id> "
-                                       "or openai:<http(s)://host:port>")
+        problem = CAPTION_BACKENDS.problem(self.backend)
+        require(problem is None, "backend", problem or "")
         require(bool(self.concepts), "concepts", "is empty; give a shipped list name or a concepts file")
         for key in ("per_concept", "backgrounds_per_concept", "min_words", "max_words", "max_new_tokens", "batch_size",
                     "concurrency"):
@@ -109,8 +113,9 @@ class CaptionsConfig:
         require(0 <= self.backoff_s < math.inf, "backoff_s", f"must be >= 0 seconds, got {self.backoff_s}")
         require(0 <= self.min_fraction <= 1, "min_fraction",
                 f"must be in [0, 1] (the share of concepts x per_concept captions the stage must write), got {self.min_fraction}")
-        require(self.backgrounds != "llm" or self.backend != "template", "backgrounds",
-                "'llm' needs a language-model backend (smollm2, hf:, openai:), not 'template'")
+        require(self.backgrounds != "llm" or CAPTION_BACKENDS.traits(self.backend)["language_model"], "backgrounds",
+                f"'llm' needs a language-model backend ({', '.join(CAPTION_BACKENDS.names_with('language_model'))}), "
+                f"not {self.backend!r}")
         require(bool(self.api_key_env), "api_key_env", "is empty; name the environment variable holding the API key")
 
 
@@ -319,15 +324,14 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
 
 def _make_backend(cfg: CaptionsConfig):
     settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-    if cfg.backend.startswith("openai:"):
-        return make_backend(cfg.backend, settings, model=cfg.api_model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
-                            retries=cfg.max_retries, backoff_s=cfg.backoff_s, api_key_env=cfg.api_key_env)
-    return make_backend(cfg.backend, settings, chat=cfg.chat)
+    server = dict(model=cfg.api_model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retries=cfg.max_retries,
+                  backoff_s=cfg.backoff_s, api_key_env=cfg.api_key_env)
+    return make_backend(cfg.backend, settings, chat=cfg.chat, **(server if CAPTION_BACKENDS.traits(cfg.backend)["remote"] else {}))
 
 
 def _backend_where(cfg: CaptionsConfig, backend=None) -> str:
     url = getattr(backend, "url", None)
-    return url or (cfg.backend[len("openai:"):] if cfg.backend.startswith("openai:") else f"the {cfg.backend} backend")
+    return url or f"the {cfg.backend} backend"
 
 
 def _failure_message(where: str, failures: Counter, attempts: int, unfinished: int, not_started: int, todo: int) -> str:
@@ -344,6 +348,27 @@ def _failure_message(where: str, failures: Counter, attempts: int, unfinished: i
             f"{left}. Finished concepts are kept: rerun the same command to send exactly the requests that failed")
 
 
+RESUMABLE_CHANGES = ("out_dir", "num_threads", "concurrency", "timeout_s", "max_retries", "backoff_s", "min_fraction",
+                     "api_key_env")  # how the requests are sent or judged, not what the captions are
+
+
+def _check_same_settings(cfg: CaptionsConfig, out: Path) -> None:
+    """Refuse to add to finished concepts that were written with other settings (listing the differences)."""
+    config = out / "config.yaml"
+    if not config.exists() or not any((out / "parts").glob("concept-*.json")):
+        return
+    try:
+        saved = read_yaml(config, "captions config", CaptionsError)
+    except CaptionsError as err:
+        raise SettingsChanged(f"{err}, so the finished concepts in {out / 'parts'} cannot be resumed; "
+                              "use a new out_dir or delete the old parts") from None
+    changed = changed_settings(saved if isinstance(saved, dict) else {}, config_to_dict(cfg), RESUMABLE_CHANGES)
+    if changed:
+        raise SettingsChanged(f"{out} already holds captions made with different settings ({'; '.join(changed)}); "
+                              f"mixing them would make one captions file from two configs. Use a new out_dir, or delete "
+                              f"{out / 'parts'} to write every concept anew")
+
+
 def run_captions(cfg: CaptionsConfig) -> Path:
     """Write ``out_dir/captions.jsonl`` and ``out_dir/summary.json``; returns the captions path.
 
@@ -358,8 +383,10 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     concepts = load_concepts(cfg.concepts)
+    _check_same_settings(cfg, out)
     if info.is_main:
         save_config(cfg, out)
+    barrier()  # every rank has compared against the old config.yaml before rank 0 replaces it
     backend = None
     backgrounds = dict(concepts.backgrounds)
     if cfg.backgrounds == "llm":
@@ -381,7 +408,7 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     if todo:
         backend = backend or _make_backend(cfg)
         remote = getattr(backend, "remote", False)
-        pools = load_example_pools(cfg.examples_file or None) if cfg.backend != "template" else None
+        pools = load_example_pools(cfg.examples_file or None) if CAPTION_BACKENDS.traits(cfg.backend)["language_model"] else None
         deduper = _Deduper(cfg.dedup, cfg.near_dup_threshold)
         try:
             with tqdm(total=len(todo), desc=f"captions ({cfg.backend})", unit="concept", disable=not info.is_main,

@@ -25,7 +25,8 @@ from ..datasets import load_dataset
 from ..images import to_uint8
 from ..plots import save_curve, save_image_grid
 from ..training.backbones import SmallCNN
-from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, set_threads, stable_seed
+from ..atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..utils import set_threads, stable_seed
 from .model import load_embedded_generator
 
 LOG = logging.getLogger("synrep.generator")

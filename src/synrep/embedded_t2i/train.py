@@ -24,11 +24,13 @@ from tqdm import tqdm
 from ..captions.concepts import generic_backgrounds, load_concepts
 from ..captions.requests import plan_requests
 from ..captions.template_backend import TemplateBackend
+from ..ema import ema_update
 from ..config import config_to_dict, save_config
 from ..datasets import load_dataset
 from ..errors import SynrepError
 from ..plots import save_curve
-from ..utils import atomic_torch_save, set_threads, sha256_arrays, stable_seed
+from ..atomic import atomic_torch_save
+from ..utils import set_threads, sha256_arrays, stable_seed
 from .model import EmbeddedGenerator, EmbeddedModelConfig, build_train_scheduler
 
 LOG = logging.getLogger("synrep.generator")
@@ -88,12 +90,6 @@ def class_captions(concepts_name: str, class_names: list[str], per_class: int, s
 
 def _lr_at(step: int, cfg: GeneratorTrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
-@torch.no_grad()
-def _ema_update(ema, model, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def model_card(cfg: GeneratorTrainConfig, step: int, wall_s: float, data_hash: str, losses: list[float], n_images: int) -> str:
@@ -202,7 +198,7 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         optimizer.step()
-        _ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         step += 1
         bar.update(1)

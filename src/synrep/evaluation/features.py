@@ -41,7 +41,8 @@ from ..streaming import SequentialImages, sequential_loader
 from ..training.backbones import BackboneConfig, build_backbone
 from ..training.export import ENCODER_FILE, WEIGHTS_FILE, EncoderError, load_encoder
 from ..training.methods import normalize_images
-from ..utils import atomic_write_json, sha256_arrays
+from ..atomic import atomic_file, atomic_write_json
+from ..utils import sha256_arrays
 from .probes import ProbeError
 
 LOG = logging.getLogger("synrep.eval")
@@ -226,12 +227,8 @@ def _chunk_path(folder: Path, chunk: int, labels: bool = False) -> Path:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _done_chunks(folder: Path) -> set[int]:
@@ -361,31 +358,25 @@ def _assemble(folder: Path, settings: dict, encoder: FeatureEncoder, count: int,
     """Chunks -> ``features.npy`` + ``labels.npy``, then ``manifest.json`` (last), then the chunks are removed."""
     dim = None
     labels = np.empty(count, dtype=np.int64)
-    tmp = folder / f".{FEATURES}.tmp{os.getpid()}"
-    out = None  # written with plain sequential writes: a writable mapping would keep every page resident
-    for chunk in range(num_chunks):
-        path = _chunk_path(folder, chunk)
-        begin, end = chunk * batch_size, min(count, (chunk + 1) * batch_size)
-        try:
-            feats = np.load(path)
-            chunk_labels = np.load(_chunk_path(folder, chunk, labels=True))
-        except (OSError, ValueError) as err:
-            raise FeatureCacheError(f"feature chunk {path} is missing or unreadable ({err}); rerun to extract it again") from None
-        if out is None:
-            dim = int(feats.shape[1])
-            out = open(tmp, "wb")
-            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                       "fortran_order": False, "shape": (count, dim)})
-        if feats.shape != (end - begin, dim) or chunk_labels.shape != (end - begin,):
-            path.unlink()
-            raise FeatureCacheError(f"feature chunk {path} holds {feats.shape} features / {chunk_labels.shape} labels, "
-                                    f"expected ({end - begin}, {dim}); it was removed, rerun to extract it again")
-        out.write(np.ascontiguousarray(feats, dtype=np.float16).tobytes())
-        labels[begin:end] = chunk_labels
-    out.flush()
-    os.fsync(out.fileno())
-    out.close()
-    os.replace(tmp, folder / FEATURES)
+    with atomic_file(folder / FEATURES) as out:  # plain sequential writes: a writable mapping would keep every page resident
+        for chunk in range(num_chunks):
+            path = _chunk_path(folder, chunk)
+            begin, end = chunk * batch_size, min(count, (chunk + 1) * batch_size)
+            try:
+                feats = np.load(path)
+                chunk_labels = np.load(_chunk_path(folder, chunk, labels=True))
+            except (OSError, ValueError) as err:
+                raise FeatureCacheError(f"feature chunk {path} is missing or unreadable ({err}); rerun to extract it again") from None
+            if dim is None:
+                dim = int(feats.shape[1])
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                           "fortran_order": False, "shape": (count, dim)})
+            if feats.shape != (end - begin, dim) or chunk_labels.shape != (end - begin,):
+                path.unlink()
+                raise FeatureCacheError(f"feature chunk {path} holds {feats.shape} features / {chunk_labels.shape} labels, "
+                                        f"expected ({end - begin}, {dim}); it was removed, rerun to extract it again")
+            out.write(np.ascontiguousarray(feats, dtype=np.float16).tobytes())
+            labels[begin:end] = chunk_labels
     _save_npy(folder / LABELS, labels)
     manifest = {"settings": settings, "count": count, "feature_dim": dim, "dtype": "float16",
                 "encoder": encoder.spec, "encoder_info": encoder.info, "dataset": settings["dataset"], "split": settings["split"],

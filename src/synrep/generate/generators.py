@@ -21,6 +21,7 @@ import torch
 
 from ..errors import SynrepError
 from ..images import to_uint8
+from ..registry import Registry
 
 LOG = logging.getLogger("synrep.generate")
 SCHEDULERS = ("ddim", "dpm", "euler")
@@ -153,12 +154,25 @@ class DiffusersT2I:
         return to_uint8(np.asarray(out.images, dtype=np.float32))
 
 
+GENERATORS = Registry("generator", GeneratorSpecError)
+"""Every text-to-image generator: ``factory(argument, device, dtype, attention_slicing, vae_slicing, cpu_offload,
+scheduler)`` returns an object with ``name``, ``check``, ``noise_shape`` and ``draw`` (see the module docstring)."""
+
+
+@GENERATORS.register("embedded", argument="<folder>", optional_argument=True,
+                     help="synrep's shipped 28x28 model, or one trained by `synrep generator train` (a folder)")
+def _embedded(folder: str | None, device: str, *_: object) -> EmbeddedT2I:
+    return EmbeddedT2I(folder, device)
+
+
+@GENERATORS.register("diffusers", argument="<folder-or-hub-id>",
+                     help="any Stable-Diffusion-style diffusers pipeline (SD 1.x/2.x/XL)")
+def _diffusers(source: str, device: str, dtype: str, attention_slicing: bool, vae_slicing: bool, cpu_offload: bool,
+               scheduler: str) -> DiffusersT2I:
+    return DiffusersT2I(source, device, dtype, attention_slicing, vae_slicing, cpu_offload, scheduler)
+
+
 def make_generator(spec: str, device: str = "cpu", dtype: str = "auto", attention_slicing: bool = False,
                    vae_slicing: bool = False, cpu_offload: bool = False, scheduler: str = "ddim"):
-    if spec == "embedded":
-        return EmbeddedT2I(None, device)
-    if spec.startswith("embedded:"):
-        return EmbeddedT2I(spec.split(":", 1)[1], device)
-    if spec.startswith("diffusers:"):
-        return DiffusersT2I(spec.split(":", 1)[1], device, dtype, attention_slicing, vae_slicing, cpu_offload, scheduler)
-    raise GeneratorSpecError(f"unknown generator {spec!r}; choose embedded, embedded:<folder> or diffusers:<folder-or-hub-id>")
+    """Load the generator ``spec`` names (see :data:`GENERATORS`)."""
+    return GENERATORS.build(spec, device, dtype, attention_slicing, vae_slicing, cpu_offload, scheduler)

@@ -25,24 +25,24 @@ from tqdm import tqdm
 
 from ..captions.files import CaptionsFileError
 from ..captions.stage import captions_path, count_captions, iter_captions
-from ..config import check_config, config_to_dict, require, save_config
+from ..config import changed_settings, check_config, config_to_dict, read_yaml, require, save_config
 from ..distributed import barrier, init_distributed
-from ..errors import SynrepError
+from ..errors import SettingsChanged, SynrepError
 from ..plots import save_image_grid
 from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
-from ..utils import atomic_write_json, set_threads, stable_seed
-from .generators import DrawSettings, GeneratorSpecError, make_generator
+from ..atomic import atomic_write_json, remove_stale_temps
+from ..utils import set_threads, stable_seed
+from .generators import GENERATORS, DrawSettings, GeneratorSpecError, make_generator
 
 LOG = logging.getLogger("synrep.generate")
 SUMMARY_FILE = "generate_summary.json"
+CONFIG_FILE = "config.yaml"
+RUN_ONLY_KEYS = ("num_threads", "preview", "device", "out_dir", "writer_threads")  # where and how fast, not what
+RESUMABLE_CHANGES = ("batch_captions",)  # settings a resume may change: the images stay byte-identical
 
 
 class GenerateError(SynrepError, RuntimeError):
     """The generate stage cannot finish: shards failed, or there is nothing to preview."""
-
-
-class SettingsChanged(GenerateError, ValueError):
-    """A refused resume: ``out_dir`` already holds shards made with other settings."""
 
 
 @dataclass
@@ -74,7 +74,14 @@ class GenerateConfig:
     limit_captions: int = 0  # draw only the first N captions (0 = all)
     num_threads: int = 0  # torch CPU threads (0 = torch's default)
 
+    @classmethod
+    def key_help(cls) -> dict[str, str]:
+        """``--help`` text for keys whose choices come from a registry."""
+        return {"generator": GENERATORS.describe()}
+
     def check(self) -> None:
+        problem = GENERATORS.problem(self.generator)
+        require(problem is None, "generator", problem or "")
         for key in ("images_per_caption", "steps", "captions_per_shard", "batch_captions"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("height", "width", "store_size", "limit_captions", "num_threads", "writer_threads"):
@@ -185,9 +192,25 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
 
 
 def outputs(out_dir: str | Path) -> dict[str, Path]:
-    """What the generate stage writes in ``out_dir``; ``done`` (generate_summary.json) is written last."""
+    """What the generate stage writes in ``out_dir``: ``config`` (its settings, first), shards and their markers,
+    ``index`` (the dataset's facts), ``preview``, and ``done`` (generate_summary.json: counts and speed, last)."""
     out = Path(out_dir)
-    return {"index": out / INDEX_FILE, "summary": out / SUMMARY_FILE, "preview": out / "preview.png", "done": out / SUMMARY_FILE}
+    return {"config": out / CONFIG_FILE, "index": out / INDEX_FILE, "summary": out / SUMMARY_FILE,
+            "preview": out / "preview.png", "done": out / SUMMARY_FILE}
+
+
+def run_settings(config: dict) -> dict:
+    """The keys of a generate config that decide the images (not where or how fast they are made)."""
+    return {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
+
+
+def saved_settings(out_dir: str | Path) -> dict | None:
+    """The settings the shards in ``out_dir`` were made with (from its ``config.yaml``), or None if unreadable."""
+    try:
+        saved = read_yaml(outputs(out_dir)["config"], "generate config", ValueError)
+    except ValueError:
+        return None
+    return run_settings(saved) if isinstance(saved, dict) else None
 
 
 def is_complete(out_dir: str | Path) -> bool:
@@ -213,25 +236,21 @@ def run_generate(cfg: GenerateConfig) -> Path:
     # line there fails the run with nothing touched (a bad line further on fails it when its shard comes).
     first = list(iter_captions(captions, todo[0][1], todo[0][2])) if todo else []
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "generate_config.json"
-    settings_now = {k: v for k, v in config_to_dict(cfg).items() if k not in ("num_threads", "preview", "device", "out_dir", "writer_threads")}
-    if settings_file.exists() and list_shards(out):
-        try:
-            before = json.loads(settings_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            before = None
-        if not isinstance(before, dict):
-            raise SettingsChanged(f"{settings_file} is unreadable, so the shards in {out} cannot be resumed; "
+    settings_now = run_settings(config_to_dict(cfg))
+    if list_shards(out) and outputs(out)["config"].exists():
+        before = saved_settings(out)
+        if before is None:
+            raise SettingsChanged(f"{outputs(out)['config']} is unreadable, so the shards in {out} cannot be resumed; "
                                   "use a new out_dir or delete the old shards")
-        changed = sorted(k for k in settings_now if before.get(k) != settings_now[k] and k not in ("batch_captions",))
+        changed = changed_settings(before, settings_now, RESUMABLE_CHANGES)
         if changed:
-            raise SettingsChanged(f"{out} already holds shards made with different settings ({', '.join(changed)}); "
+            raise SettingsChanged(f"{out} already holds shards made with different settings ({'; '.join(changed)}); "
                                   "use a new out_dir or delete the old shards")
     if info.is_main:
-        save_config(cfg, out)
-        atomic_write_json(settings_file, settings_now)
+        save_config(cfg, out)  # the stage's one record of its settings (a resume is checked against it)
+    barrier()  # no rank writes a shard before the settings are recorded
     for k, _, _ in mine:  # partial files of this rank's shards left by a killed run (never visible as shards)
-        (out / f".{shard_name(k)}.tmp").unlink(missing_ok=True)
+        remove_stale_temps(out / shard_name(k))
     if len(todo) < len(mine):
         LOG.info("resuming: %d of %d shards already complete", len(mine) - len(todo), len(mine))
     device = resolve_device(cfg.device)
@@ -263,15 +282,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
         gen_name = generator.name if generator else cfg.generator
         image_size = list(read_shard(list_shards(out)[0])[0].images.shape[1:])
         index = write_index(out, {"generator": gen_name, "images_per_caption": cfg.images_per_caption,
-                                  "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "views": cfg.views,
-                                  "captions_file": str(cfg.captions), "image_format": cfg.image_format,
-                                  "image_shape": image_size})
+                                  "image_format": cfg.image_format, "image_shape": image_size})
         idx = json.loads(index.read_text())
         summary = {"captions": idx["num_groups"], "images": idx["num_images"], "shards": idx["num_shards"],
                    "generator": gen_name, "image_shape": image_size, "images_this_run": images_made,
                    "seconds_this_run": round(seconds, 2),
-                   "images_per_second": round(images_made / seconds, 2) if images_made and seconds > 0 else None,
-                   "settings": settings_now}
+                   "images_per_second": round(images_made / seconds, 2) if images_made and seconds > 0 else None}
         if cfg.preview:
             write_preview(out)
         atomic_write_json(out / SUMMARY_FILE, summary)  # the stage's done-marker: written last

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SynrepError
+from ..registry import Registry
 
 VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
     "vit-micro": (128, 4, 4),
@@ -22,7 +23,6 @@ VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
     "vit-base": (768, 12, 12),
     "vit-large": (1024, 24, 16),
 }
-BACKBONES = ("cnn", "resnet", *VIT_SIZES, "timm:<name>")
 
 
 
@@ -41,11 +41,16 @@ class BackboneConfig:
     num_heads: int = 0  # ViT attention heads (0 = the named size's)
     conv_stem: bool = False  # ViT only: a convolutional stem instead of one big patchify conv (Xiao et al. 2021)
 
+    @classmethod
+    def key_help(cls) -> dict[str, str]:
+        """``--help`` text for keys whose choices come from a registry."""
+        return {"name": BACKBONES.describe()}
+
     def check(self) -> None:
         from ..config import require
 
-        require(self.name in BACKBONES[:-1] or self.name.startswith("timm:"), "name",
-                f"{self.name!r} is not allowed; choose one of {', '.join(BACKBONES)}")
+        problem = BACKBONES.problem(self.name)
+        require(problem is None, "name", problem or "")
         require(self.in_channels in (1, 3), "in_channels", f"must be 1 or 3, got {self.in_channels}")
         for key in ("image_size", "patch_size", "width"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -220,16 +225,37 @@ class TimmBackbone(nn.Module):
         return self.model(x)
 
 
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Build the backbone named by ``cfg.name`` with random weights."""
-    if cfg.name == "cnn":
-        return SmallCNN(cfg.in_channels, cfg.width)
-    if cfg.name == "resnet":
-        return SmallResNet(cfg.in_channels, cfg.width)
-    if cfg.name in VIT_SIZES:
-        dim, depth, heads = VIT_SIZES[cfg.name]
+BACKBONES = Registry("backbone", BackboneError)
+"""Every backbone: ``factory(argument, cfg: BackboneConfig) -> nn.Module`` with ``feature_dim``; the trait
+``patch_tokens`` marks backbones with ``forward_tokens`` (what masked image modelling needs)."""
+
+
+@BACKBONES.register("cnn", help="a small 4-stage CNN (width = backbone.width)", patch_tokens=False)
+def _cnn(_, cfg: BackboneConfig) -> nn.Module:
+    return SmallCNN(cfg.in_channels, cfg.width)
+
+
+@BACKBONES.register("resnet", help="a small ResNet (width = backbone.width)", patch_tokens=False)
+def _resnet(_, cfg: BackboneConfig) -> nn.Module:
+    return SmallResNet(cfg.in_channels, cfg.width)
+
+
+def _register_vit(name: str, dim: int, depth: int, heads: int) -> None:
+    @BACKBONES.register(name, help=f"ViT, width {dim}, {depth} blocks, {heads} heads", patch_tokens=True)
+    def _vit(_, cfg: BackboneConfig) -> nn.Module:
         return VisionTransformer(cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.embed_dim or dim,
                                  cfg.depth or depth, cfg.num_heads or heads, cfg.conv_stem)
-    if cfg.name.startswith("timm:"):
-        return TimmBackbone(cfg.name[5:], cfg)
-    raise BackboneError(f"unknown backbone {cfg.name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+for _name, (_dim, _depth, _heads) in VIT_SIZES.items():
+    _register_vit(_name, _dim, _depth, _heads)
+
+
+@BACKBONES.register("timm", argument="<name>", help="any timm model, random weights (needs timm)", patch_tokens=False)
+def _timm(name: str, cfg: BackboneConfig) -> nn.Module:
+    return TimmBackbone(name, cfg)
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Build the backbone named by ``cfg.name`` with random weights."""
+    return BACKBONES.build(cfg.name, cfg)

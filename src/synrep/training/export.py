@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir
 from ..errors import SynrepError
 from .backbones import BackboneConfig, build_backbone
 
@@ -31,22 +31,14 @@ def export_encoder(backbone: torch.nn.Module, backbone_cfg: BackboneConfig, fold
     A kill at any moment leaves either the previous complete export or the new one, never a mix.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "synrep-encoder"})
     meta = {"type": "synrep-encoder", "backbone": asdict(backbone_cfg), "feature_dim": int(backbone.feature_dim),
             "input": "float images in [0, 1], normalised as (x - 0.5) / 0.5", **info}
-    (tmp / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if card:
-        (tmp / "MODEL_CARD.md").write_text(card)
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "synrep-encoder"})
+        (tmp / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if card:
+            (tmp / "MODEL_CARD.md").write_text(card)
     return folder
 
 

@@ -24,13 +24,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import check_config, config_to_dict, require, save_config
+from ..config import changed_settings, check_config, config_to_dict, require, save_config
 from ..errors import SynrepError
 from ..distributed import barrier, cleanup, init_distributed
 from ..plots import save_metrics_curve
-from ..utils import append_jsonl, atomic_torch_save, atomic_write_text, read_jsonl, set_threads, stable_seed
+from ..atomic import atomic_torch_save, atomic_write_text
+from ..utils import append_jsonl, read_jsonl, set_threads, stable_seed
 from .augment import AugmentConfig
-from .backbones import BackboneConfig
+from .backbones import BACKBONES, BackboneConfig
 from ..sources import Source
 from ..streaming import BatchSpec, ShortGroups, steps_per_epoch
 from .data import LoaderConfig, check_data, make_batches, open_data, to_device
@@ -82,6 +83,10 @@ class TrainConfig:
 
     def check(self) -> None:
         require(self.method in METHODS, "method", f"{self.method!r} is not allowed; choose one of {', '.join(METHODS)}")
+        require(not METHODS[self.method].needs_patch_tokens or BACKBONES.problem(self.backbone.name) is not None
+                or BACKBONES.traits(self.backbone.name)["patch_tokens"], "backbone.name",
+                f"method {self.method} needs a backbone with patch tokens (masked image modelling); "
+                f"choose one of {', '.join(BACKBONES.names_with('patch_tokens'))}, not {self.backbone.name!r}")
         require(self.encoder == "student" or METHODS[self.method].has_teacher, "encoder",
                 f"method {self.method} has no EMA teacher; encoder=teacher needs one of "
                 f"{', '.join(n for n, m in METHODS.items() if m.has_teacher)}")
@@ -161,17 +166,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 RESUMABLE_CHANGES = {"out_dir", "resume", "stop_after", "num_threads", "log_every", "checkpoint_every", "device"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def _check_same_run(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
     """Refuse to resume from a checkpoint written with other training settings (listing them)."""
-    now, before = _flat(config_to_dict(cfg)), _flat(saved)
-    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES]
+    changed = changed_settings(saved, config_to_dict(cfg), RESUMABLE_CHANGES)
     if changed:
         raise TrainingError(f"{ckpt} was written with other settings ({'; '.join(changed)}); resuming would mix two runs. "
                             f"Use a new out_dir, or start over in this one with --no-resume (resume=false)")
@@ -192,8 +189,6 @@ def _check_method(cfg: TrainConfig, source: Source) -> None:
                             f"{source.description} has one per group")
     if method.needs_captions and not source.captioned:
         raise TrainingError(f"method {cfg.method} needs captions; {source.description} has none (use a synthetic shard folder)")
-    if method.needs_patch_tokens and not cfg.backbone.name.startswith("vit"):
-        raise TrainingError(f"method {cfg.method} needs a ViT backbone (patch tokens), not backbone.name={cfg.backbone.name!r}")
 
 
 def train(cfg: TrainConfig) -> Path:

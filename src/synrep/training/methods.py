@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import require
+from ..ema import ema_update
 from ..errors import SynrepError
 from ..distributed import all_reduce_max_, all_reduce_sum_, gather_no_grad, gather_with_grad, get_rank
 from .augment import AugmentConfig, global_recipes, global_view, local_crop_size, multi_crop
-from .backbones import BackboneConfig, VisionTransformer, build_backbone
+from .backbones import BACKBONES, BackboneConfig, build_backbone
 from .heads import Activation, Norm, PatchHead, projection_head, trunc_normal_init
 from .losses import ibot_patch_loss, image_text_contrastive, multi_positive_contrastive, sinkhorn_knopp, synclr_contrastive
 from .masking import MaskShape, token_mask
@@ -135,7 +136,7 @@ class Method(nn.Module):
         self.cfg, self.aug, self.total_steps = cfg, aug, total_steps
         self.backbone = build_backbone(backbone_cfg)
         self.image_size = backbone_cfg.image_size
-        if self.needs_patch_tokens and not isinstance(self.backbone, VisionTransformer):
+        if self.needs_patch_tokens and not BACKBONES.traits(backbone_cfg.name)["patch_tokens"]:
             raise MethodError(f"method {self.name} needs a ViT backbone (patch tokens for masked modelling), not {backbone_cfg.name!r}")
         if not self.needs_patch_tokens and isinstance(getattr(self.backbone, "mask_token", None), nn.Parameter):
             self.backbone.mask_token.requires_grad_(False)  # only masked modelling uses it; DDP needs every trained parameter used
@@ -343,11 +344,7 @@ class SynCLR(Method):
         """teacher <- m * teacher + (1 - m) * student for every parameter (buffers are copied); returns m."""
         m = self.momentum(step)
         for student, teacher in self.pairs():
-            t_params, s_params = list(teacher.parameters()), [p.detach() for p in student.parameters()]
-            torch._foreach_mul_(t_params, m)
-            torch._foreach_add_(t_params, s_params, alpha=1 - m)
-            for bs, bt in zip(student.buffers(), teacher.buffers()):
-                bt.copy_(bs)
+            ema_update(teacher, student, m)
         return m
 
     def before_optimizer_step(self, step: int) -> None:
