@@ -37,7 +37,7 @@ def test_missing_paths_say_how_to_fix(tmp_path):
         load_image_folder(tmp_path / "nope")
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
-    with pytest.raises(DatasetError, match="unknown dataset"):
+    with pytest.raises(DatasetError, match="not a known dataset"):
         load_dataset("cifar", "train")
 
 

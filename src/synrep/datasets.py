@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SynrepError
+from .registry import Registry
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -173,14 +174,16 @@ def load_image_folder(root: str | Path, split: str | None = None) -> LabeledImag
     return LabeledImages(arrays, np.asarray(labels, dtype=np.int64), classes, f"imagefolder:{root}", split or "")
 
 
+DATASETS = Registry("dataset", DatasetError)
+"""Labelled image datasets held in memory: ``factory(argument, split) -> LabeledImages``."""
+DATASETS.register("fashion-mnist", argument="<dir>", optional_argument=True,
+                  help="Fashion-MNIST (the Debian package's files, or the IDX files in <dir>)")(
+    lambda root, split: load_fashion_mnist(split, root=root) if root else load_fashion_mnist(split))
+DATASETS.register("mnist", help="MNIST digits (the packaged copy)")(lambda _, split: load_mnist(split))
+DATASETS.register("imagefolder", argument="<dir>", help="<dir>/<class>/<images>, or <dir>/<split>/<class>/<images>")(
+    lambda root, split: load_image_folder(root, split))
+
+
 def load_dataset(name: str, split: str = "train") -> LabeledImages:
-    """Load ``fashion-mnist``, ``fashion-mnist:<dir>``, ``mnist`` or ``imagefolder:<dir>``."""
-    if name == "fashion-mnist":
-        return load_fashion_mnist(split)
-    if name.startswith("fashion-mnist:"):
-        return load_fashion_mnist(split, root=name.split(":", 1)[1])
-    if name == "mnist":
-        return load_mnist(split)
-    if name.startswith("imagefolder:"):
-        return load_image_folder(name.split(":", 1)[1], split)
-    raise DatasetError(f"unknown dataset {name!r}; choose fashion-mnist, fashion-mnist:<dir>, mnist or imagefolder:<dir>")
+    """Load the dataset ``name`` names (see :data:`DATASETS`)."""
+    return DATASETS.build(name, split)

@@ -10,6 +10,7 @@ StableRep's fidelity/diversity trade-off in miniature. One sample grid PNG per s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..captions.concepts import load_concepts
-from ..config import save_config
-from ..datasets import load_dataset
+from ..config import require, save_config
+from ..datasets import DATASETS, load_dataset
 from ..images import to_uint8
 from ..plots import save_curve, save_image_grid
 from ..training.backbones import SmallCNN
@@ -46,6 +47,16 @@ class FidelityConfig:
     classifier_epochs: int = 2
     seed: int = 0
     num_threads: int = 0
+
+    def check(self) -> None:
+        problem = DATASETS.problem(self.dataset)
+        require(problem is None, "dataset", problem or "")
+        require(bool(self.guidance_scales) and all(math.isfinite(g) and g >= 0 for g in self.guidance_scales),
+                "guidance_scales", f"must be finite numbers >= 0 (at least one), got {self.guidance_scales}")
+        for key in ("captions_per_class", "seeds_per_caption", "steps", "classifier_epochs"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.seeds_per_caption >= 2, "seeds_per_caption", f"must be >= 2 (diversity compares images of a caption), got {self.seeds_per_caption}")
+        require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
 
 
 def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int) -> tuple[nn.Module, float]:

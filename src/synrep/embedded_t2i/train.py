@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import platform
 import sys
 import time
@@ -25,8 +26,8 @@ from ..captions.concepts import generic_backgrounds, load_concepts
 from ..captions.requests import plan_requests
 from ..captions.template_backend import TemplateBackend
 from ..ema import ema_update
-from ..config import config_to_dict, save_config
-from ..datasets import load_dataset
+from ..config import config_to_dict, require, save_config
+from ..datasets import DATASETS, load_dataset
 from ..errors import SynrepError
 from ..plots import save_curve
 from ..atomic import atomic_torch_save
@@ -63,6 +64,20 @@ class GeneratorTrainConfig:
     num_threads: int = 0
     limit_images: int = 0
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
+
+    def check(self) -> None:
+        problem = DATASETS.problem(self.dataset)
+        require(problem is None, "dataset", problem or "")
+        require(bool(self.concepts), "concepts", "is empty; give a shipped list name or a concepts file")
+        for key in ("steps", "batch_size", "captions_per_class", "checkpoint_every"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "num_threads", "limit_images"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a positive number, got {self.lr}")
+        for key in ("weight_decay", "grad_clip"):
+            require(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("ema_decay", "caption_dropout"):
+            require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
 
 
 def class_captions(concepts_name: str, class_names: list[str], per_class: int, seed: int) -> list[list[str]]:
