@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from synrep.generate.generators import GeneratorSpecError
@@ -59,6 +60,26 @@ def test_latent_views_are_closer_to_their_anchor(random_generator_dir, captions_
     independent, _ = spread("independent")
     assert latent < 0.8 * independent
     assert meta["views"] == "latent" and meta["sigma"] == 0.3 and "anchor_seed" in meta
+    assert meta["anchor_view"] is True and meta["latent_noise"] == "truncated"
+
+
+def test_latent_noise_is_the_anchor_plus_truncated_neighbours_at_unit_scale():
+    from synrep.generate.stage import OFFSET_VARIANCE, initial_noise
+
+    shape = (4, 32, 32)
+    cfg = GenerateConfig(views="latent", sigma=0.5, images_per_caption=64)
+    members, meta = initial_noise(cfg, 7, shape)
+    anchor = torch.randn(shape, generator=torch.Generator().manual_seed(meta["anchor_seed"]))
+    assert torch.equal(members[0], anchor), "GenRep: the anchor is one of the views"
+    scale = (1 + 0.25 * OFFSET_VARIANCE["truncated"]) ** 0.5
+    offsets = (members[1:] * scale - anchor) / 0.5
+    assert offsets.abs().max() <= 2.0 + 1e-4, "offsets are truncated to [-2, 2]"
+    assert abs(members[1:].var().item() - 1.0) < 0.05, "the sampler still gets unit-variance noise"
+    plain, _ = initial_noise(GenerateConfig(views="latent", sigma=0.5, images_per_caption=64, latent_noise="gaussian",
+                                            latent_anchor_view=False), 7, shape)
+    assert not torch.equal(plain[0], anchor) and ((plain * 1.25 ** 0.5 - anchor) / 0.5).abs().max() > 2.5
+    again, _ = initial_noise(cfg, 7, shape)
+    assert torch.equal(again, members), "seeded: the same caption id gives the same noise"
 
 
 def test_bad_inputs_are_clear_and_leave_outputs_intact(random_generator_dir, captions_file, tmp_path):

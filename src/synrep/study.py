@@ -4,7 +4,7 @@ Same encoder, same number of training steps and images per step for every traine
 by the same probes on real Fashion-MNIST test images. Rows: random init, raw pixels, SimCLR and
 supervised on real train, and on synthetic images only: SimCLR, SupCon by concept, StableRep
 (multi-positive by caption), StableRep+, SynCLR, GenRep latent views, plus a guidance sweep for
-StableRep. Every data set, row and evaluation is skipped when already complete (resumable).
+StableRep and a sigma sweep for the GenRep views. Every data set, row and evaluation is skipped when already complete (resumable).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .evaluation.stage import EvalConfig, evaluate
 from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart
-from .training.backbones import BackboneConfig
+from .training.backbones import BACKBONES, BackboneConfig
 from .training.loop import TrainConfig, train
 from .atomic import atomic_write_json, atomic_write_text
 
@@ -47,7 +48,8 @@ class StudyConfig:
     images_per_caption: int = 4
     guidance_scale: float = 2.0
     guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])
-    latent_sigma: float = 0.5
+    latent_sigma: float = 0.5  # GenRep neighbour spread of the genrep-latent-stablerep row
+    latent_sigma_sweep: list[float] = field(default_factory=lambda: [0.25, 1.0])  # more GenRep sigmas, one row each (GenRep reports an inverse U)
     steps: int = 500
     groups_per_batch: int = 64
     images_per_group: int = 4
@@ -61,19 +63,27 @@ class StudyConfig:
     def check(self) -> None:
         unknown = [row for row in self.rows if row not in ALL_ROWS]
         require(not unknown, "rows", f"unknown study row(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_ROWS)}")
+        for key in ("latent_sigma_sweep", "guidance_sweep"):
+            values = getattr(self, key)
+            require(all(math.isfinite(v) and v > (0 if key.startswith("latent") else -1e-12) for v in values), key,
+                    f"must be finite numbers {'> 0' if key.startswith('latent') else '>= 0'}, got {values}")
+        require(math.isfinite(self.latent_sigma) and self.latent_sigma > 0, "latent_sigma", f"must be > 0, got {self.latent_sigma}")
 
 
 def _data_root(cfg: StudyConfig) -> Path:
     return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
 
 
-def _shards(cfg: StudyConfig, guidance: float, views: str = "independent") -> str:
-    name = f"shards_latent_g{guidance:g}" if views == "latent" else f"shards_g{guidance:g}"
+def _shards(cfg: StudyConfig, guidance: float, sigma: float | None = None) -> str:
+    """The shard folder for one guidance scale, with GenRep latent views of spread ``sigma`` when it is given."""
+    name = f"shards_g{guidance:g}" if sigma is None else (
+        f"shards_latent_g{guidance:g}" if sigma == cfg.latent_sigma else f"shards_latent_g{guidance:g}_s{sigma:g}")
     folder = _data_root(cfg) / name
     if not generate_stage.is_complete(folder):
         run_generate(GenerateConfig(captions=str(captions_stage.outputs(_data_root(cfg) / "captions")["captions"]), out_dir=str(folder),
-                                    images_per_caption=cfg.images_per_caption, guidance_scale=guidance, views=views,
-                                    sigma=cfg.latent_sigma, seed=cfg.seed, num_threads=cfg.num_threads))
+                                    images_per_caption=cfg.images_per_caption, guidance_scale=guidance,
+                                    views="independent" if sigma is None else "latent", sigma=sigma or cfg.latent_sigma,
+                                    seed=cfg.seed, num_threads=cfg.num_threads))
     return str(folder)
 
 
@@ -89,12 +99,16 @@ def _row_plan(cfg: StudyConfig) -> list[tuple[str, dict]]:
         elif row.endswith("-synthetic"):
             plan.append((row, {"method": row[: -len("-synthetic")], "data": ("g", cfg.guidance_scale)}))
         elif row == "genrep-latent-stablerep":
-            plan.append((row, {"method": "stablerep", "data": ("latent", cfg.guidance_scale)}))
+            plan.append((row, {"method": "stablerep", "data": ("latent", cfg.guidance_scale, cfg.latent_sigma)}))
         else:
             raise StudyError(f"unknown study row {row!r}; choose from {', '.join(ALL_ROWS)}")
     for g in cfg.guidance_sweep:
         if g != cfg.guidance_scale:
             plan.append((f"stablerep-guidance-{g:g}", {"method": "stablerep", "data": ("g", g)}))
+    if "genrep-latent-stablerep" in cfg.rows:
+        for sigma in cfg.latent_sigma_sweep:
+            if sigma != cfg.latent_sigma:
+                plan.append((f"genrep-latent-sigma-{sigma:g}", {"method": "stablerep", "data": ("latent", cfg.guidance_scale, sigma)}))
     return plan
 
 
@@ -113,7 +127,7 @@ def run_study(cfg: StudyConfig) -> Path:
             results[name] = json.loads((folder / "row.json").read_text())
             LOG.info("study row %s: complete, skipped", name)
             continue
-        if spec.get("method") == "synclr" and not cfg.backbone.name.startswith("vit"):
+        if spec.get("method") == "synclr" and not BACKBONES.traits(cfg.backbone.name)["patch_tokens"]:
             LOG.warning("study row %s skipped: SynCLR's masked modelling needs a ViT backbone, not %s", name, cfg.backbone.name)
             results[name] = {"row": name, "method": "synclr", "data": "-", "encoder": "-", "linear_top1": None, "knn_top1": None,
                              "train_seconds": 0.0, "total_seconds": 0.0, "seed": cfg.seed, "steps": 0,
@@ -129,7 +143,7 @@ def run_study(cfg: StudyConfig) -> Path:
         else:
             data = spec["data"]
             if isinstance(data, tuple):
-                data = _shards(cfg, data[1], "latent" if data[0] == "latent" else "independent")
+                data = _shards(cfg, data[1], data[2] if data[0] == "latent" else None)
             t0 = time.time()
             tcfg = TrainConfig(data=data, out_dir=str(folder / "train"), method=spec["method"], backbone=dataclasses.replace(cfg.backbone),
                                steps=cfg.steps, groups_per_batch=spec.get("groups_per_batch", cfg.groups_per_batch),

@@ -5,7 +5,10 @@ Captions are cut into shards of ``captions_per_shard`` in file order; shard k is
 the file's line-offset sidecar; no rank reads the file whole), in pipeline calls of ``batch_captions``
 captions x n images. Image j of caption i starts from noise seeded by ``stable_seed(seed, i, j)`` (recorded in the metadata), so a
 rerun, a resumed run, or a run on any number of ranks gives the same bytes. With ``views=latent``
-(GenRep) a caption's images start from ``(z + sigma * eps_j) / sqrt(1 + sigma^2)`` around one anchor z.
+(GenRep) a caption's images start from one anchor noise z and its neighbours: image 0 is the anchor itself
+(``latent_anchor_view``) and image j starts from ``(z + sigma * eps_j) / sqrt(1 + sigma^2 * var(eps))``,
+eps_j a standard normal truncated to [-2, 2] as in GenRep (``latent_noise``); the division keeps the
+sampler's N(0, I) input scale, which a diffusion model needs and GenRep's GANs did not.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ LOG = logging.getLogger("synrep.generate")
 SUMMARY_FILE = "generate_summary.json"
 CONFIG_FILE = "config.yaml"
 RUN_ONLY_KEYS = ("num_threads", "preview", "device", "out_dir", "writer_threads")  # where and how fast, not what
-RESUMABLE_CHANGES = ("batch_captions",)  # settings a resume may change: the images stay byte-identical
+RESUMABLE_CHANGES = ("batch_captions",)
+# Var of a standard normal truncated to [-2, 2]: 1 - 4 phi(2) / (Phi(2) - Phi(-2)) = 0.7737
+OFFSET_VARIANCE = {"gaussian": 1.0, "truncated": 1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2))}  # settings a resume may change: the images stay byte-identical
 
 
 class GenerateError(SynrepError, RuntimeError):
@@ -62,6 +67,8 @@ class GenerateConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     views: Literal["independent", "latent"] = "independent"  # independent seeds per image, or GenRep latent neighbours of one anchor
     sigma: float = 0.5  # GenRep latent views: neighbour spread around the anchor noise
+    latent_anchor_view: bool = True  # GenRep latent views: image 0 is drawn from the anchor itself (GenRep: true)
+    latent_noise: Literal["truncated", "gaussian"] = "truncated"  # GenRep latent views: neighbour offsets, a normal truncated to [-2, 2] (GenRep) or a plain normal
     captions_per_shard: int = 100  # captions (groups) per tar shard
     batch_captions: int = 16  # captions per pipeline call (each with all its images)
     writer_threads: int = 2  # threads that encode images and write the tar while the generator draws (0 = inline)
@@ -115,8 +122,14 @@ def initial_noise(cfg: GenerateConfig, caption_id: int, shape: tuple[int, ...]) 
         return eps, {"image_seeds": seeds}
     anchor_seed = stable_seed("anchor", cfg.seed, caption_id) % 2**63
     z = torch.randn(shape, generator=torch.Generator().manual_seed(anchor_seed))
-    members = (z.unsqueeze(0) + cfg.sigma * eps) / math.sqrt(1 + cfg.sigma ** 2)
-    return members, {"image_seeds": seeds, "anchor_seed": anchor_seed, "sigma": cfg.sigma}
+    if cfg.latent_noise == "truncated":
+        eps = torch.stack([torch.nn.init.trunc_normal_(torch.empty(shape), a=-2.0, b=2.0, generator=torch.Generator().manual_seed(s))
+                           for s in seeds])
+    members = (z.unsqueeze(0) + cfg.sigma * eps) / math.sqrt(1 + cfg.sigma ** 2 * OFFSET_VARIANCE[cfg.latent_noise])
+    if cfg.latent_anchor_view:
+        members[0] = z
+    return members, {"image_seeds": seeds, "anchor_seed": anchor_seed, "sigma": cfg.sigma,
+                     "latent_noise": cfg.latent_noise, "anchor_view": cfg.latent_anchor_view}
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
