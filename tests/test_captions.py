@@ -10,7 +10,7 @@ from fake_openai import FakeOpenAI
 from synrep.captions.cleaning import clean_caption, mentions_concept, near_duplicate_mask, normalise
 from synrep.captions.concepts import ConceptError, load_concepts
 from synrep.captions.llm_backends import BackendError, Failed, OpenAIBackend, SamplingSettings, make_backend
-from synrep.captions.prompts import MIN_POOL, build_prompt, load_example_pools
+from synrep.captions.prompts import INSTRUCTIONS, MIN_POOL, build_prompt, load_example_pools
 from synrep.captions.requests import CaptionRequest, plan_requests
 from synrep.captions.stage import CaptionsConfig, read_captions, run_captions
 
@@ -74,6 +74,28 @@ def test_example_pools_meet_minimums_and_prompt_carries_k():
     req = plan_requests(concepts, concepts.concepts[1], 1, 0, {"c": 0, "c+bg": 1, "c+rel": 0}, ["a hallway"], pools, 3)[0]
     prompt = build_prompt(req)
     assert len(req.examples) == 3 and prompt.endswith("trousers, a hallway =>") and all(e in prompt for e in req.examples)
+    assert prompt.startswith(INSTRUCTIONS["c+bg"]) and all(e.split(" => ")[0].count(",") == 1 for e in req.examples)
+
+
+def test_background_only_template_writes_environment_captions_without_a_concept(tmp_path):
+    concepts = load_concepts("fashion-mnist")
+    pools = load_example_pools()
+    req = plan_requests(concepts, concepts.concepts[1], 1, 0, {"bg": 1.0}, ["a hallway"], pools, 3)[0]
+    assert req.template == "bg" and req.background == "a hallway"
+    prompt = build_prompt(req)
+    assert prompt.startswith(INSTRUCTIONS["bg"]) and prompt.endswith("\na hallway =>") and "trousers" not in prompt
+    assert all(e in pools["bg"] for e in req.examples)
+    mixed = run_captions(CaptionsConfig(out_dir=str(tmp_path / "m"), per_concept=40, dedup="text", mix=[0.4, 0.4, 0.1, 0.1]))
+    records = read_captions(mixed)
+    background = [r for r in records if r["template"] == "bg"]
+    assert 0.04 < len(background) / len(records) < 0.2
+    assert all(r["concept"] == "" and r["environment_of"] and r["background"] in r["caption"].lower() for r in background)
+    assert all(r["concept"] for r in records if r["template"] != "bg")
+    three = run_captions(CaptionsConfig(out_dir=str(tmp_path / "3"), per_concept=20, dedup="text"))
+    four = run_captions(CaptionsConfig(out_dir=str(tmp_path / "4"), per_concept=20, dedup="text", mix=[0.44, 0.45, 0.11, 0.0]))
+    assert three.read_text() == four.read_text(), "a zero bg weight leaves every other caption as it was"
+    with pytest.raises(ValueError, match="config key 'mix'"):
+        run_captions(CaptionsConfig(out_dir=str(tmp_path / "x"), mix=[1.0, 0.0]))
 
 
 def test_resume_after_kill_gives_same_output_without_duplicates(tmp_path):

@@ -27,12 +27,13 @@ def mentions_concept(caption: str, mentions: list[str]) -> bool:
     return False
 
 
-def clean_caption(raw: str, mentions: list[str], min_words: int = 3, max_words: int = 30,
+def clean_caption(raw: str, mentions: list[str] | None, min_words: int = 3, max_words: int = 30,
                   prompt_input: str | None = None) -> tuple[str | None, str]:
     """Return ``(caption, "ok")`` or ``(None, reason)``.
 
     Keeps the first non-empty line, removes prompt echoes (``input =>``), labels (``Caption:``),
-    list markers and surrounding quotes, then checks length and that the concept is mentioned.
+    list markers and surrounding quotes, then checks length and that the concept is mentioned (unless
+    ``mentions`` is None: a background-only caption).
     """
     if not isinstance(raw, str):
         return None, "not text"
@@ -64,7 +65,7 @@ def clean_caption(raw: str, mentions: list[str], min_words: int = 3, max_words: 
         return None, "too short"
     if len(words) > max_words:
         return None, "too long"
-    if not mentions_concept(text, mentions):
+    if mentions is not None and not mentions_concept(text, mentions):
         return None, "concept not mentioned"
     return text[0].upper() + text[1:], "ok"
 

@@ -9,8 +9,14 @@ from ..config import read_yaml
 from ..errors import SynrepError
 from .requests import TEMPLATES, CaptionRequest
 
-INSTRUCTION = "Write one short, natural sentence describing a photo of the given subject."
-MIN_POOL = {"c": 40, "c+bg": 30, "c+rel": 15}
+# One instruction per template, as SynCLR's synthesis script has (our wording).
+INSTRUCTIONS = {
+    "c": "Write a one-sentence image description that shows the given object category.",
+    "c+bg": "Write a one-sentence image description that shows the given object category in the given environment.",
+    "c+rel": "Write a one-sentence image description that shows the given object category in the given spatial relation.",
+    "bg": "Write a one-sentence image description of the given environment category.",
+}
+MIN_POOL = {"c": 50, "c+bg": 45, "c+rel": 20, "bg": 30}  # at least SynCLR's pool sizes (52, 50, 20, 33)
 
 
 class ExamplesError(SynrepError, ValueError):
@@ -22,7 +28,7 @@ def load_example_pools(path: str | Path | None = None) -> dict[str, list[str]]:
     source = Path(path) if path else Path(str(resources.files("synrep") / "data" / "prompts" / "examples.yaml"))
     data = read_yaml(source, "examples file", ExamplesError)
     if not isinstance(data, dict):
-        raise ExamplesError(f"examples file {source} must map each template (c, c+bg, c+rel) to a list of examples")
+        raise ExamplesError(f"examples file {source} must map each template ({', '.join(TEMPLATES)}) to a list of examples")
     pools = {}
     for template in TEMPLATES:
         items = data.get(template)
@@ -33,8 +39,11 @@ def load_example_pools(path: str | Path | None = None) -> dict[str, list[str]]:
 
 
 def prompt_input(request: CaptionRequest) -> str:
-    """The left-hand side of the prompt's last line: ``concept``, ``concept, background`` or ``concept, relation``."""
+    """The left-hand side of the prompt's last line: ``concept``, ``concept, background``, ``concept, relation``
+    or ``background``."""
     name = request.concept.name
+    if request.template == "bg":
+        return str(request.background)
     if request.template == "c+bg":
         return f"{name}, {request.background}"
     if request.template == "c+rel":
@@ -44,12 +53,12 @@ def prompt_input(request: CaptionRequest) -> str:
 
 def build_prompt(request: CaptionRequest) -> str:
     """Completion-style prompt; the model continues after the final ``=>``."""
-    lines = [INSTRUCTION, ""] + list(request.examples) + [f"{prompt_input(request)} =>"]
+    lines = [INSTRUCTIONS[request.template], ""] + list(request.examples) + [f"{prompt_input(request)} =>"]
     return "\n".join(lines)
 
 
 def build_chat(request: CaptionRequest) -> list[dict]:
     """The same prompt as chat messages for instruction-tuned models with a chat template."""
     examples = "\n".join(request.examples)
-    user = f"{INSTRUCTION}\nExamples:\n{examples}\n\nNow write the caption for: {prompt_input(request)}\nAnswer with the caption only."
+    user = f"{INSTRUCTIONS[request.template]}\nExamples:\n{examples}\n\nNow write the caption for: {prompt_input(request)}\nAnswer with the caption only."
     return [{"role": "user", "content": user}]

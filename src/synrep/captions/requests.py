@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from .concepts import RELATIONS, Concept, ConceptList
 
-TEMPLATES = ("c", "c+bg", "c+rel")
+TEMPLATES = ("c", "c+bg", "c+rel", "bg")  # SynCLR's: object, object + environment, object + relation, environment only
 
 
 @dataclass
 class CaptionRequest:
-    """One caption to write: a concept under one of the three SynCLR templates.
+    """One caption to write: a concept under one of SynCLR's templates (``bg``: the concept's environment alone).
 
     ``examples`` are the in-context examples an LLM prompt carries; ``attempt`` counts retries so a
     retried request gets a new sample with the same seed lineage. ``index`` is its number in the concept's
@@ -58,7 +58,7 @@ def plan_requests(
         rng = random.Random(f"plan|{seed}|{concept.name}|{index}")
         template = choose_template(rng, mix)
         req = CaptionRequest(concept, template, seed=rng.randrange(2**31), index=index)
-        if template == "c+bg":
+        if template in ("c+bg", "bg"):
             req.background = rng.choice(backgrounds)
         elif template == "c+rel":
             req.relation = rng.choice(RELATIONS)

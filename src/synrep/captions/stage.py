@@ -62,7 +62,7 @@ class CaptionsConfig:
     backend: str = "template"  # template | smollm2 | hf:<path-or-id> | openai:<http(s)://host:port>
     per_concept: int = 20
     seed: int = 0
-    mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # c, c+bg, c+rel
+    mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # template weights c, c+bg, c+rel[, bg]; SynCLR: [0.40, 0.41, 0.10, 0.09]
     num_examples: int = 3
     examples_file: str = ""
     backgrounds: str = ""  # "" (list's own + generic), a YAML mapping file, or "llm" (the backend writes them)
@@ -101,8 +101,8 @@ class CaptionsConfig:
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(self.min_words <= self.max_words, "min_words",
                 f"must be <= max_words ({self.max_words}), got {self.min_words}: no caption could pass")
-        require(len(self.mix) == 3 and all(m >= 0 for m in self.mix) and sum(self.mix) > 0, "mix",
-                f"must be three non-negative weights for c, c+bg, c+rel (not all 0), got {self.mix}")
+        require(len(self.mix) in (3, 4) and all(m >= 0 for m in self.mix) and sum(self.mix) > 0, "mix",
+                f"must be three or four non-negative weights for c, c+bg, c+rel[, bg] (not all 0), got {self.mix}")
         for key in ("dedup", "chat"):  # Literal choices: the config loader checks them, this covers configs built in code
             choices = get_args(typing.get_type_hints(CaptionsConfig)[key])
             require(getattr(self, key) in choices, key, f"{getattr(self, key)!r} is not allowed; choose one of {', '.join(choices)}")
@@ -296,9 +296,12 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
         while pending:  # first attempts batched, then every retry round batched too
             retry = []
             for req, raw in zip(pending, _ask(backend, pending, log)):
-                caption, reason = clean_caption(raw, concept.mentions, cfg.min_words, cfg.max_words, prompt_input(req))
+                background_only = req.template == "bg"  # an environment alone: no object to mention, no concept label
+                caption, reason = clean_caption(raw, None if background_only else concept.mentions, cfg.min_words,
+                                                cfg.max_words, prompt_input(req))
                 if caption is not None:
-                    results.append({"caption": caption, "concept": concept.name, "template": req.template,
+                    results.append({"caption": caption, "concept": "" if background_only else concept.name,
+                                    **({"environment_of": concept.name} if background_only else {}), "template": req.template,
                                     "background": req.background, "relation": req.relation, "backend": backend.name,
                                     "seed": req.seed, "attempt": req.attempt})
                     continue

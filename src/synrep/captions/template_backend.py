@@ -1,6 +1,6 @@
 """The ``template`` caption backend: no model, deterministic phrase patterns filled from a seed.
 
-It writes captions of the same three kinds as the LLM backends (``c``, ``c+bg``, ``c+rel``) by
+It writes captions of the same kinds as the LLM backends (``c``, ``c+bg``, ``c+rel``, ``bg``) by
 combining a concept's synonyms and attributes with backgrounds, relations and framing phrases.
 Given the same request (and so the same seed) it always returns the same caption.
 """
@@ -22,6 +22,7 @@ FRAMES_BG = [
     "a product shot of {x} against {bg}", "{X} placed on {bg}", "a picture of {x} by {bg}",
     "{X} left on {bg}", "a photo of {x} with {bg} behind it",
 ]
+FRAMES_BG_ONLY = ["a photo of {bg}", "a photo of {bg} with nothing else in view", "a wide shot of {bg}", "an empty scene with {bg}"]
 FRAMES_REL = ["{X} {rel} {y}", "a photo of {x} {rel} {y}", "a picture of {x} {rel} {y}"]
 OTHER_OBJECTS = ["a chair", "a box", "a lamp", "a table", "a suitcase", "a plant", "a mirror", "a basket", "a shelf", "a stool"]
 
@@ -56,12 +57,15 @@ def template_caption(request: CaptionRequest) -> str:
     elif request.template == "c+bg":
         frame = rng.choice(FRAMES_BG)
         text = frame.format(x=x, X=_capitalise(x), bg=request.background or "a plain background")
+    elif request.template == "bg":
+        bg = request.background or "a plain background"
+        text = rng.choice(FRAMES_BG_ONLY).format(bg=bg)  # never starting with the input, which cleaning would cut as an echo
     elif request.template == "c+rel":
         frame = rng.choice(FRAMES_REL)
         other = request.other or rng.choice(OTHER_OBJECTS)
         text = frame.format(x=x, X=_capitalise(x), rel=request.relation or "next to", y=with_article(other))
     else:
-        raise ValueError(f"unknown template {request.template!r}; choose c, c+bg or c+rel")
+        raise ValueError(f"unknown template {request.template!r}; choose c, c+bg, c+rel or bg")
     return _capitalise(text) + ("" if rng.random() < 0.5 else ".")
 
 
