@@ -98,6 +98,17 @@ def test_background_only_template_writes_environment_captions_without_a_concept(
         run_captions(CaptionsConfig(out_dir=str(tmp_path / "x"), mix=[1.0, 0.0]))
 
 
+def test_synclr_caption_preset_is_the_synthesis_scripts_mix():
+    from synrep.config import load_config
+
+    cfg = load_config(CaptionsConfig, None, ["preset=synclr"])
+    c, bg, rel, background_only = cfg.mix
+    assert abs(c + bg + rel - 0.91) < 1e-3 and abs(rel / (c + bg + rel) - 0.11) < 1e-3 and abs(bg / (c + bg + rel) - 0.45) < 1e-3
+    assert abs(background_only - 0.09) < 1e-9 and (cfg.temperature, cfg.top_p, cfg.num_examples) == (0.8, 0.9, 3)
+    assert load_config(CaptionsConfig, None, ["preset=synclr", "mix=[1,0,0]"]).mix == [1.0, 0.0, 0.0], "explicit keys win"
+    assert load_config(CaptionsConfig).mix == [0.44, 0.45, 0.11]
+
+
 def test_resume_after_kill_gives_same_output_without_duplicates(tmp_path):
     cfg = CaptionsConfig(out_dir=str(tmp_path / "run"), per_concept=6, dedup="text")
     full = run_captions(cfg).read_text()

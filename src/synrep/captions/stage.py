@@ -55,10 +55,21 @@ class CaptionsError(SynrepError, RuntimeError):
     """The captions stage cannot finish: too few captions, or part files that disagree with their done-markers."""
 
 
+# SynCLR's synthesize_text.py: an object caption with p = 0.91, split 0.44 / 0.11 / 0.45 into c / c+rel / c+bg,
+# an environment alone otherwise (its 0.2% texture captions are folded into bg); 3 in-context examples,
+# temperature 0.8, top-p 0.9.
+CAPTION_PRESETS: dict[str, dict] = {
+    "demo": {"mix": [0.44, 0.45, 0.11], "num_examples": 3, "temperature": 0.8, "top_p": 0.9},
+    "synclr": {"mix": [round(0.91 * 0.44, 4), round(0.91 * 0.45, 4), round(0.91 * 0.11, 4), 0.09], "num_examples": 3,
+               "temperature": 0.8, "top_p": 0.9},
+}
+
+
 @dataclass
 class CaptionsConfig:
     concepts: str = "fashion-mnist"
     out_dir: str = "runs/captions"
+    preset: Literal["demo", "synclr"] = "demo"  # demo: three templates, no background-only captions; synclr: the synthesis script's template mix
     backend: str = "template"  # template | smollm2 | hf:<path-or-id> | openai:<http(s)://host:port>
     per_concept: int = 20
     seed: int = 0
@@ -89,6 +100,10 @@ class CaptionsConfig:
     def key_help(cls) -> dict[str, str]:
         """``--help`` text for keys whose choices come from a registry."""
         return {"backend": CAPTION_BACKENDS.describe()}
+
+    def preset_values(self) -> dict:
+        """The values ``preset`` sets; the config loader applies them under explicit keys."""
+        return dict(CAPTION_PRESETS[self.preset])
 
     def check(self) -> None:
         problem = CAPTION_BACKENDS.problem(self.backend)
