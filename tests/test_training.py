@@ -7,7 +7,9 @@ import torch
 from synrep.config import load_config
 from synrep.training.backbones import BackboneConfig, build_backbone
 from synrep.training.export import EncoderError, load_encoder
+from synrep.training.fast_paths import SpeedConfig
 from synrep.training.loop import TrainConfig, TrainingError, lr_at, train
+from synrep.utils import read_jsonl
 
 FAST = ["steps=12", "groups_per_batch=8", "images_per_group=4", "log_every=1", "warmup_steps=2", "base_lr=3e-3",
         "checkpoint_every=100", "augment.crop_scale_min=0.8", "augment.jitter_p=0", "augment.blur_p=0"]
@@ -175,3 +177,35 @@ def test_vit_conv_stem_keeps_the_token_grid():
     assert patches.shape == (2, 49, 128) and cls.shape == (2, 128)
     with pytest.raises(ValueError, match="power-of-two"):
         build_backbone(BackboneConfig(name="vit-micro", image_size=28, patch_size=7, conv_stem=True))
+
+
+def test_fast_paths_apply_where_they_belong():
+    from synrep.training.fast_paths import SpeedConfig, describe, optimizer_kwargs, prepare_backbone
+    from synrep.training.methods import MethodConfig, build_method
+    from synrep.training.augment import AugmentConfig
+
+    def method(name):
+        return build_method("stablerep", BackboneConfig(name=name), MethodConfig(), AugmentConfig(), 10, 10)
+
+    cnn, vit = method("cnn"), method("vit-micro")
+    speed = SpeedConfig()
+    assert prepare_backbone(cnn, "cnn", speed, "cpu") == [] and optimizer_kwargs(speed, "cpu") == {}
+    assert describe(speed, "cpu", []) == "none (eager fp32 on CPU)"
+    # The device string decides (the weights may stay on the CPU here): convolutional backbones go channels-last.
+    assert prepare_backbone(cnn, "cnn", speed, "cuda:0") == ["channels-last"]
+    conv = next(m for m in cnn.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert prepare_backbone(vit, "vit-micro", speed, "cuda:0") == [], "a ViT gains nothing from channels-last"
+    assert optimizer_kwargs(speed, "cuda:0") == {"fused": True}
+    assert optimizer_kwargs(SpeedConfig(fused_optimizer=False), "cuda:0") == {}
+    assert "tf32" in describe(speed, "cuda:0", ["channels-last"]) and "fused optimizer" in describe(speed, "cuda:0", [])
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_exports_the_same_parameter_names(shard_dir, tmp_path):
+    cfg = TrainConfig(data=str(shard_dir), out_dir=str(tmp_path / "c"), steps=2, groups_per_batch=4, images_per_group=2,
+                      log_every=1, checkpoint_every=2, speed=SpeedConfig(compile="default"))
+    encoder = train(cfg)
+    backbone, _ = load_encoder(encoder)
+    assert set(backbone.state_dict()) == set(build_backbone(BackboneConfig()).state_dict())
+    assert len(read_jsonl(tmp_path / "c" / "metrics.jsonl")) == 2

@@ -230,18 +230,18 @@ BACKBONES = Registry("backbone", BackboneError)
 ``patch_tokens`` marks backbones with ``forward_tokens`` (what masked image modelling needs)."""
 
 
-@BACKBONES.register("cnn", help="a small 4-stage CNN (width = backbone.width)", patch_tokens=False)
+@BACKBONES.register("cnn", help="a small 4-stage CNN (width = backbone.width)", patch_tokens=False, convolutional=True)
 def _cnn(_, cfg: BackboneConfig) -> nn.Module:
     return SmallCNN(cfg.in_channels, cfg.width)
 
 
-@BACKBONES.register("resnet", help="a small ResNet (width = backbone.width)", patch_tokens=False)
+@BACKBONES.register("resnet", help="a small ResNet (width = backbone.width)", patch_tokens=False, convolutional=True)
 def _resnet(_, cfg: BackboneConfig) -> nn.Module:
     return SmallResNet(cfg.in_channels, cfg.width)
 
 
 def _register_vit(name: str, dim: int, depth: int, heads: int) -> None:
-    @BACKBONES.register(name, help=f"ViT, width {dim}, {depth} blocks, {heads} heads", patch_tokens=True)
+    @BACKBONES.register(name, help=f"ViT, width {dim}, {depth} blocks, {heads} heads", patch_tokens=True, convolutional=False)
     def _vit(_, cfg: BackboneConfig) -> nn.Module:
         return VisionTransformer(cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.embed_dim or dim,
                                  cfg.depth or depth, cfg.num_heads or heads, cfg.conv_stem)
@@ -251,7 +251,8 @@ for _name, (_dim, _depth, _heads) in VIT_SIZES.items():
     _register_vit(_name, _dim, _depth, _heads)
 
 
-@BACKBONES.register("timm", argument="<name>", help="any timm model, random weights (needs timm)", patch_tokens=False)
+@BACKBONES.register("timm", argument="<name>", help="any timm model, random weights (needs timm)", patch_tokens=False,
+                   convolutional=True)  # channels-last is harmless for a timm ViT and helps its CNNs
 def _timm(name: str, cfg: BackboneConfig) -> nn.Module:
     return TimmBackbone(name, cfg)
 

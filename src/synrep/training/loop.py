@@ -36,6 +36,7 @@ from ..sources import Source
 from ..streaming import BatchSpec, ShortGroups, steps_per_epoch
 from .data import LoaderConfig, check_data, make_batches, open_data, to_device
 from .export import export_encoder
+from .fast_paths import SpeedConfig, describe, enable_tf32, optimizer_kwargs, prepare_backbone
 from .metrics import MetricWindow
 from .methods import METHODS, MethodConfig, build_method
 from .presets import PresetName, describe_presets, preset_values
@@ -59,6 +60,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: MethodConfig = field(default_factory=MethodConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     groups_per_batch: int = 64  # caption groups per batch on each rank (G)
     images_per_group: int = 4  # images drawn from each caption group (k); they are each other's positives
     short_groups: ShortGroups = "error"  # a group with fewer than k images: error, fewer (use all it has) or skip
@@ -128,11 +130,12 @@ def lr_at(step: int, peak: float, cfg: TrainConfig) -> float:
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float, device: str = "cpu") -> torch.optim.Optimizer:
     groups = _param_groups(model, cfg.weight_decay)
+    kwargs = optimizer_kwargs(cfg.speed, device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), **kwargs)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -163,7 +166,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # Keys that may change between a run and its resume: where it writes and how often it reports, not what it learns.
-RESUMABLE_CHANGES = {"out_dir", "resume", "stop_after", "num_threads", "log_every", "checkpoint_every", "device"}
+RESUMABLE_CHANGES = {"out_dir", "resume", "stop_after", "num_threads", "log_every", "checkpoint_every", "device",
+                     "speed.fused_optimizer", "speed.tf32", "speed.channels_last", "speed.compile"}
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
@@ -210,8 +214,10 @@ def train(cfg: TrainConfig) -> Path:
         save_config(cfg, out)
     torch.manual_seed(cfg.seed)
     model = build_method(cfg.method, cfg.backbone, cfg.loss, cfg.augment, len(source.class_names), cfg.steps).to(device)
+    enable_tf32(cfg.speed, device)
+    fast = prepare_backbone(model, cfg.backbone.name, cfg.speed, device)
     peak_lr = scaled_lr(cfg, info.world_size)
-    optimizer = build_optimizer(cfg, model, peak_lr)
+    optimizer = build_optimizer(cfg, model, peak_lr, device)
     use_amp = cfg.amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step = 0
@@ -245,10 +251,10 @@ def train(cfg: TrainConfig) -> Path:
     _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"))
     batch_images = cfg.groups_per_batch * cfg.images_per_group
     LOG.info("training %s on %s: %d steps per epoch, backbone %s (%.2fM params, %d px, %d channel(s)), global batch %d, "
-             "lr %.2e, %d steps, %d loader worker(s)", cfg.method, source.description,
+             "lr %.2e, %d steps, %d loader worker(s); fast paths: %s", cfg.method, source.description,
              steps_per_epoch(source.units.total, cfg.groups_per_batch, info.world_size), cfg.backbone.name,
              sum(p.numel() for p in model.backbone.parameters()) / 1e6, cfg.backbone.image_size, cfg.backbone.in_channels,
-             global_batch_size(cfg, info.world_size), peak_lr, cfg.steps, cfg.loader.num_workers)
+             global_batch_size(cfg, info.world_size), peak_lr, cfg.steps, cfg.loader.num_workers, describe(cfg.speed, device, fast))
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not info.is_main, dynamic_ncols=True)
     window_start, window_images, done_this_call = time.time(), 0, 0
     window = MetricWindow(device)
