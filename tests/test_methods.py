@@ -10,7 +10,7 @@ from synrep.config import ConfigError, load_config
 from synrep.training.augment import AugmentConfig
 from synrep.training.backbones import BackboneConfig
 from synrep.training.heads import PatchHead, projection_head
-from synrep.training.loop import TrainConfig
+from synrep.training.loop import TrainConfig, train
 from synrep.training.masking import block_mask, masked_counts, random_mask
 from synrep.training.methods import METHODS, MethodConfig, SynCLR, build_method, cosine_momentum
 from synrep.training.presets import PRESETS, apply_preset
@@ -196,3 +196,32 @@ def test_presets_build_their_heads(name, norm, hidden):
         isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) for m in method.projector)
     if name == "synclr":
         assert method.patch_head.last_layer.weight.shape == (8192, 256) and len(method.predictor) > 0
+
+
+def test_text_transformer_reads_the_last_real_token_and_never_the_padding_or_later_tokens():
+    from synrep.training.text_tower import TextTransformer
+
+    torch.manual_seed(0)
+    tower = TextTransformer(vocab_size=50, context=8, width=16, layers=2, heads=2).eval()
+    tokens = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0], [5, 6, 7, 9, 0, 0, 0, 0]])
+    out = tower(tokens)
+    assert out.shape == (2, 16)
+    assert not torch.allclose(out[0], out[1]), "a longer caption reads its own last token"
+    # Without the causal mask the padding positions would change the last real token's features.
+    assert torch.allclose(tower(tokens[:, :4])[0], out[0], atol=1e-6), "the context length after the caption does not matter"
+    assert torch.allclose(tower(tokens[:1])[0], out[0], atol=1e-6), "nor the other captions of the batch"
+
+
+def test_stablerep_plus_with_the_transformer_tower_trains_it(shard_dir, tmp_path):
+    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path / 'sp'}", "method=stablerep+", "steps=2",
+                                          "groups_per_batch=4", "images_per_group=2", "loss.text_tower=transformer",
+                                          "loss.text_layers=1", "loss.text_width=32", "loss.text_heads=2", "loss.text_context=16",
+                                          "checkpoint_every=2", "loader.num_workers=0"])
+    train(cfg)
+    state = torch.load(tmp_path / "sp" / "checkpoint.pt", weights_only=True)["model"]
+    torch.manual_seed(cfg.seed)
+    fresh = build_method("stablerep+", cfg.backbone, cfg.loss, cfg.augment, 10, 2).state_dict()
+    tower_keys = [k for k in state if k.startswith("text_projector.0.")]
+    assert tower_keys and any(not torch.equal(state[k], fresh[k]) for k in tower_keys), "the text transformer is trained"
+    with pytest.raises(ValueError, match="text_width"):
+        load_config(TrainConfig, None, ["method=stablerep+", "loss.text_tower=transformer", "loss.text_width=30", "loss.text_heads=4"])

@@ -19,6 +19,7 @@ from ..config import require
 from ..images import uint8_to_float
 from ..sources import Source, SourceError, UnitTable, open_training_source
 from ..streaming import BatchSpec, GroupBatchStream, ShortGroups, batch_loader, steps_per_epoch
+from .text_tower import TextTower, caption_transform
 
 LOG = logging.getLogger("synrep.train")
 
@@ -94,30 +95,6 @@ def check_data(source: Source, groups_per_batch: int, images_per_group: int, sho
     return size
 
 
-class CaptionEmbedder:
-    """Adds ``text`` ``[B, 384]``: the frozen-MiniLM pooled embedding of each image's caption (StableRep+'s text input).
-
-    Runs in the data-loader worker; the encoder is loaded once per process on first use.
-    """
-
-    def __init__(self):
-        self._encoder = None
-
-    def __call__(self, batch: dict) -> dict:
-        captions = batch.pop("captions")
-        if not any(captions):
-            raise SourceError("method stablerep+ needs captions; this data has none (use a synthetic shard folder)")
-        if self._encoder is None:
-            from ..text_encoder import MiniLMEncoder
-
-            self._encoder = MiniLMEncoder(max_length=32)
-        unique = sorted(set(captions))
-        _, pooled = self._encoder.encode(unique)
-        where = {c: i for i, c in enumerate(unique)}
-        batch["text"] = pooled[torch.tensor([where[c] for c in captions])]
-        return batch
-
-
 class _WithTransform(GroupBatchStream):
     def __init__(self, *args, transform=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,17 +106,18 @@ class _WithTransform(GroupBatchStream):
 
 
 def make_batches(source: Source, spec: BatchSpec, loader: LoaderConfig, rank: int, world_size: int, start_step: int,
-                 pin_memory: bool) -> tuple[GroupBatchStream, Iterator[dict]]:
-    """The rank's stream from ``start_step`` and an iterator over its batches in step order."""
+                 pin_memory: bool, text_tower: TextTower = "minilm", text_context: int = 77) -> tuple[GroupBatchStream, Iterator[dict]]:
+    """The rank's stream from ``start_step`` and an iterator over its batches in step order; with captions, the
+    worker adds what ``text_tower`` needs (see :mod:`synrep.training.text_tower`)."""
     dataset = _WithTransform(source, spec, rank, world_size, loader.num_workers, start_step,
-                             transform=CaptionEmbedder() if spec.captions else None)
+                             transform=caption_transform(text_tower, text_context) if spec.captions else None)
     return dataset, batch_loader(dataset, loader.num_workers, loader.prefetch_factor, pin_memory)
 
 
 def to_device(batch: dict, device: str | torch.device) -> dict:
     """uint8 ``[B, H, W, C]`` -> float ``[B, C, H, W]`` in [0, 1] on ``device`` (converted there); ids as int64."""
     out = {"images": uint8_to_float(batch["images"].to(device, non_blocking=True))}
-    for key in ("group", "concept", "image", "text"):
+    for key in ("group", "concept", "image", "text", "text_tokens"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out

@@ -248,7 +248,8 @@ def train(cfg: TrainConfig) -> Path:
         ddp = DistributedDataParallel(model, find_unused_parameters=METHODS[cfg.method].may_leave_parameters_unused)
     spec = BatchSpec(cfg.groups_per_batch, cfg.images_per_group, load_size, cfg.backbone.in_channels, cfg.short_groups,
                      cfg.loader.shuffle_buffer, cfg.seed, captions=METHODS[cfg.method].needs_captions)
-    _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"))
+    _, batches = make_batches(source, spec, cfg.loader, info.rank, info.world_size, step, device.startswith("cuda"),
+                              cfg.loss.text_tower, cfg.loss.text_context)
     batch_images = cfg.groups_per_batch * cfg.images_per_group
     LOG.info("training %s on %s: %d steps per epoch, backbone %s (%.2fM params, %d px, %d channel(s)), global batch %d, "
              "lr %.2e, %d steps, %d loader worker(s); fast paths: %s", cfg.method, source.description,

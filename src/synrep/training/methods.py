@@ -42,6 +42,7 @@ from .backbones import BACKBONES, BackboneConfig, build_backbone
 from .heads import Activation, Norm, PatchHead, projection_head, trunc_normal_init
 from .losses import ibot_patch_loss, image_text_contrastive, multi_positive_contrastive, sinkhorn_knopp, synclr_contrastive
 from .masking import MaskShape, token_mask
+from .text_tower import TextTower, TextTransformer, load_tokenizer
 
 
 @dataclass
@@ -60,6 +61,11 @@ class MethodConfig:
     text_embed_dim: int = 0  # StableRep+: width of the joint image-text space (0 = proj_dim; reference 512)
     logit_scale_init: float = 1 / 0.07  # StableRep+: initial image-text logit scale
     logit_scale_max: float = 100.0  # StableRep+: logit scale clamp
+    text_tower: TextTower = "minilm"  # StableRep+: frozen MiniLM + trainable MLP (CPU default), or a text transformer trained from scratch (the paper's)
+    text_layers: int = 12  # StableRep+ transformer tower: blocks (paper 12)
+    text_width: int = 512  # StableRep+ transformer tower: width (paper 512)
+    text_heads: int = 8  # StableRep+ transformer tower: attention heads (paper 8)
+    text_context: int = 77  # StableRep+ transformer tower: tokens per caption, longer ones cut (paper 77)
     mim_weight: float = 1.0  # SynCLR: weight of the masked-image-modelling loss
     mask_image_prob: float = 0.5  # SynCLR: fraction of global crops that get masked (exactly floor(B x this))
     mask_ratio: float = 0.5  # SynCLR: fraction of patches masked in a masked crop (exactly floor(N x this))
@@ -84,6 +90,10 @@ class MethodConfig:
         for key in ("views", "proj_layers", "proj_dim", "text_dim", "num_prototypes", "patch_head_layers", "patch_head_hidden",
                     "patch_head_bottleneck"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("text_layers", "text_width", "text_heads", "text_context"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.text_width % self.text_heads == 0, "text_width",
+                f"must be a multiple of text_heads={self.text_heads}, got {self.text_width}")
         for key in ("proj_hidden", "text_embed_dim", "pred_layers"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("mask_image_prob", "mask_ratio", "ema_start", "ema_end", "freeze_last_layer", "teacher_temp_warmup_frac"):
@@ -231,7 +241,8 @@ class StableRep(ContrastiveMethod):
 
 @register_method
 class StableRepPlus(StableRep):
-    """StableRep+: StableRep plus a multi-positive image-text loss (frozen MiniLM + trainable text projection)."""
+    """StableRep+: StableRep plus a multi-positive image-text loss; the text side is ``loss.text_tower``
+    (frozen MiniLM + trainable MLP, or a text transformer trained from scratch, see :mod:`.text_tower`)."""
 
     name, needs_captions = "stablerep+", True
 
@@ -239,14 +250,22 @@ class StableRepPlus(StableRep):
         super().__init__(backbone_cfg, cfg, aug, num_classes, total_steps)
         embed = cfg.text_embed_dim or cfg.proj_dim
         self.image_to_text = nn.Linear(self.backbone.feature_dim, embed, bias=False)  # the reference's linear image_projection
-        self.text_projector = mlp(cfg.text_dim, cfg.proj_hidden or cfg.text_dim, embed)
+        if cfg.text_tower == "transformer":
+            self.text_input = "text_tokens"
+            vocab = load_tokenizer().vocab_size
+            self.text_projector = nn.Sequential(TextTransformer(vocab, cfg.text_context, cfg.text_width, cfg.text_layers, cfg.text_heads),
+                                                nn.Linear(cfg.text_width, embed, bias=False))  # CLIP's text_projection
+        else:
+            self.text_input = "text"
+            self.text_projector = mlp(cfg.text_dim, cfg.proj_hidden or cfg.text_dim, embed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
 
     def extra_losses(self, batch: dict, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         image_emb = F.normalize(self.image_to_text(feats), dim=-1)
-        groups, first = torch.unique(batch["group"], return_inverse=True)
-        text_src = torch.zeros(len(groups), batch["text"].shape[1], dtype=batch["text"].dtype, device=feats.device)
-        text_src[first] = batch["text"]
+        groups, group_of_row = torch.unique(batch["group"], return_inverse=True)
+        text_in = batch[self.text_input]  # [B, 384] embeddings or [B, L] token ids; equal within a group
+        text_src = torch.zeros(len(groups), *text_in.shape[1:], dtype=text_in.dtype, device=feats.device)
+        text_src[group_of_row] = text_in  # one row per caption
         text_emb = F.normalize(self.text_projector(text_src), dim=-1)
         image_all = gather_with_grad(image_emb)
         text_all = gather_with_grad(text_emb)

@@ -15,7 +15,8 @@ deviations that remain):
   (3-layer 4096-BN-ReLU head to 256), ``models/losses.py`` (τ = 0.1). The reference learning rate is
   ``blr x captions x n_img / 256 x num_crop / 2`` = ``1e-4 x images / 256`` with one crop per image.
 - ``stablerep+``: ``stablerep`` + ``--add_language`` (``models/StableRepMM.py``): image-text loss weight 1,
-  logit scale 1/0.07 clamped at 100, 512-d joint space.
+  logit scale 1/0.07 clamped at 100, 512-d joint space, a 12-layer 512-wide 8-head text transformer with a
+  77-token context trained from scratch (the demo keeps the frozen MiniLM + MLP tower).
 - ``simclr`` / ``supcon``: the StableRep trainer run as the papers' baselines (two crops of one image,
   positives = the image / the concept), without StableRep's downsample augmentation; num_crop = 2 makes the
   reference learning rate ``2e-4 x images / 256``.
@@ -68,7 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stablerep+": {"method": "stablerep+", "loss.views": 1, **_STABLEREP_HEAD, **_STABLEREP_AUG, **_STABLEREP_OPT,
                    "augment.downsample_p": 0.05, "augment.downsample_factors": [0.25, 0.5], "base_lr": 1e-4,
                    "loss.text_weight": 1.0, "loss.text_embed_dim": 512, "loss.logit_scale_init": 1 / 0.07,
-                   "loss.logit_scale_max": 100.0},
+                   "loss.logit_scale_max": 100.0, "loss.text_tower": "transformer", "loss.text_layers": 12,
+                   "loss.text_width": 512, "loss.text_heads": 8, "loss.text_context": 77},
     "simclr": {"method": "simclr", "loss.views": 2, **_STABLEREP_HEAD, **_STABLEREP_AUG, **_STABLEREP_OPT, "base_lr": 2e-4},
     "supcon": {"method": "supcon", "loss.views": 2, **_STABLEREP_HEAD, **_STABLEREP_AUG, **_STABLEREP_OPT, "base_lr": 2e-4},
     "synclr": {
@@ -106,7 +108,7 @@ SUMMARY = {
     "demo": "the CPU demo (the defaults): stablerep, 2-layer 512 GELU head to 128, crop 0.35, blur 0.2, AdamW 1e-3",
     "stablerep": "StableRep: tau 0.1, 3-layer 4096 BN-ReLU head to 256, crop 0.08, blur 0.5, downsample 64/128 px p 0.05 "
                  "before the crop, AdamW 1e-4 wd 0.1, no clipping",
-    "stablerep+": "stablerep + image-text loss (weight 1, logit scale 1/0.07 <= 100, 512-d)",
+    "stablerep+": "stablerep + image-text loss (weight 1, logit scale 1/0.07 <= 100, 512-d) with a 12-layer text transformer trained from scratch",
     "simclr": "SimCLR as StableRep trains it: 2 views of one image, StableRep head and augmentations, AdamW 2e-4",
     "supcon": "SupCon by concept as StableRep trains it: 2 views, StableRep head and augmentations, AdamW 2e-4",
     "synclr": "SynCLR: tau 0.08, student (3-layer 4096 LN head + 2-layer predictor) vs EMA-teacher keys (0.994->1), "
