@@ -180,8 +180,18 @@ DATASETS.register("fashion-mnist", argument="<dir>", optional_argument=True,
                   help="Fashion-MNIST (the Debian package's files, or the IDX files in <dir>)")(
     lambda root, split: load_fashion_mnist(split, root=root) if root else load_fashion_mnist(split))
 DATASETS.register("mnist", help="MNIST digits (the packaged copy)")(lambda _, split: load_mnist(split))
+DATASETS.register("fmnist-world", argument="<task>", optional_argument=True, pattern="class|tone|pattern|size|position|tilt|class-pattern",
+                  help="Fashion-MNIST garments with measured/drawn attributes on a 40 px canvas, labelled by <task>: class "
+                       "(default), tone, pattern, size, position, tilt or class-pattern (synrep.world)")(
+    lambda task, split: _load_world(split, task))
 DATASETS.register("imagefolder", argument="<dir>", help="<dir>/<class>/<images>, or <dir>/<split>/<class>/<images>")(
     lambda root, split: load_image_folder(root, split))
+
+
+def _load_world(split: str, task: str | None) -> LabeledImages:
+    from .world import load_world  # the world builds on this module
+
+    return load_world(split, task)
 
 
 def load_dataset(name: str, split: str = "train") -> LabeledImages:

@@ -357,7 +357,7 @@ class ArraySource(Source):
 
 
 SOURCES: dict[str, type[Source]] = {cls.prefix: cls for cls in (WebDatasetSource, ImageFolderSource)}
-REAL_SPECS = "fashion-mnist, fashion-mnist:<dir>, mnist, imagefolder:<root>, wds:<folder>"
+REAL_SPECS = "fashion-mnist, fashion-mnist:<dir>, mnist, fmnist-world[:<task>], imagefolder:<root>, wds:<folder>"
 
 
 def open_real(spec: str, split: str) -> Source:
@@ -365,7 +365,7 @@ def open_real(spec: str, split: str) -> Source:
     prefix, _, rest = spec.partition(":")
     if prefix in SOURCES and rest:
         return SOURCES[prefix](rest, split)
-    if prefix in ("fashion-mnist", "mnist"):
+    if prefix in ("fashion-mnist", "mnist", "fmnist-world"):
         data = load_dataset(spec, split)
         return ArraySource(data.images, data.labels, data.class_names, f"{spec} {split}")
     raise SourceError(f"unknown dataset {spec!r}; choose one of {REAL_SPECS}")
