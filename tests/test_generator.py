@@ -76,3 +76,24 @@ def test_shipped_weights_load_offline_and_draw_recognisable_images(fashion_mnist
     with torch.no_grad():
         accuracy = (clf.eval()(images * 2 - 1).argmax(1).numpy() == labels).mean()
     assert accuracy > 0.5, f"fidelity {accuracy:.2f} is not far above chance (0.10)"
+
+
+def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_path, fashion_mnist_available):
+    if not fashion_mnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    from synrep.config import load_config
+    from synrep.embedded_t2i.model import load_embedded_generator
+    from synrep.embedded_t2i.train import GeneratorTrainConfig, train_generator
+    from synrep.world import world_captions
+
+    cfg = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path}", "dataset=fmnist-world", "model.image_size=40", "steps=2",
+                                                   "batch_size=8", "limit_images=64", "checkpoint_every=2"])
+    folder = train_generator(cfg)
+    written = (tmp_path / "train_captions.txt").read_text().splitlines()
+    assert written == sorted(set(world_captions("train")[:64])), "each image's own caption, each distinct one encoded once"
+    assert "one per image" in (folder / "MODEL_CARD.md").read_text()
+    generator = load_embedded_generator(folder)
+    assert generator.cfg.image_size == 40
+    wrong = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'w'}", "dataset=fmnist-world", "steps=1", "limit_images=8"])
+    with pytest.raises(Exception, match="model expects"):
+        train_generator(wrong)

@@ -182,7 +182,8 @@ DATASETS.register("fashion-mnist", argument="<dir>", optional_argument=True,
 DATASETS.register("mnist", help="MNIST digits (the packaged copy)")(lambda _, split: load_mnist(split))
 DATASETS.register("fmnist-world", argument="<task>", optional_argument=True, pattern="class|tone|pattern|size|position|tilt|class-pattern",
                   help="Fashion-MNIST garments with measured/drawn attributes on a 40 px canvas, labelled by <task>: class "
-                       "(default), tone, pattern, size, position, tilt or class-pattern (synrep.world)")(
+                       "(default), tone, pattern, size, position, tilt or class-pattern (synrep.world)",
+                  image_captions=lambda split: _world_captions(split))(
     lambda task, split: _load_world(split, task))
 DATASETS.register("imagefolder", argument="<dir>", help="<dir>/<class>/<images>, or <dir>/<split>/<class>/<images>")(
     lambda root, split: load_image_folder(root, split))
@@ -192,6 +193,18 @@ def _load_world(split: str, task: str | None) -> LabeledImages:
     from .world import load_world  # the world builds on this module
 
     return load_world(split, task)
+
+
+def _world_captions(split: str) -> list[str]:
+    from .world import world_captions
+
+    return world_captions(split)
+
+
+def image_captions(name: str, split: str = "train") -> list[str] | None:
+    """One caption per image of the dataset, in order, for datasets that have them (the attribute world); else None."""
+    captions = DATASETS.traits(name).get("image_captions")
+    return captions(split) if captions else None
 
 
 def load_dataset(name: str, split: str = "train") -> LabeledImages:

@@ -27,10 +27,10 @@ from ..captions.requests import plan_requests
 from ..captions.template_backend import TemplateBackend
 from ..ema import ema_update
 from ..config import config_to_dict, require, save_config
-from ..datasets import DATASETS, load_dataset
+from ..datasets import DATASETS, image_captions, load_dataset
 from ..errors import SynrepError
 from ..plots import save_curve
-from ..atomic import atomic_torch_save
+from ..atomic import atomic_torch_save, atomic_write_text
 from ..utils import set_threads, sha256_arrays, stable_seed
 from .model import EmbeddedGenerator, EmbeddedModelConfig, build_train_scheduler
 
@@ -124,7 +124,7 @@ all-MiniLM-L6-v2 caption embeddings, trained by synrep on the **{cfg.dataset} tr
 | seed | {cfg.seed} |
 | learning rate | {cfg.lr} (constant after {cfg.warmup_steps} warm-up steps), EMA {cfg.ema_decay} |
 | caption dropout (for CFG) | {cfg.caption_dropout} |
-| captions per class | {cfg.captions_per_class} (template backend) |
+| captions | {"one per image, naming its attributes (the dataset's own)" if DATASETS.traits(cfg.dataset).get("image_captions") else f"{cfg.captions_per_class} per class (template backend)"} |
 | wall time | {wall_s / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} threads |
 | final loss (mean of last 50 steps) | {float(np.mean(losses[-50:])) if losses else float('nan'):.4f} |
 | data sha256 (train images + labels) | `{data_hash}` |
@@ -150,14 +150,19 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
                                   f"{(cfg.model.channels, cfg.model.image_size, cfg.model.image_size)}")
     labels = torch.from_numpy(data.labels)
 
-    captions = class_captions(cfg.concepts, data.class_names, cfg.captions_per_class, cfg.seed)
+    per_image = image_captions(cfg.dataset, "train")
     torch.manual_seed(cfg.seed)  # the UNet's initial weights depend on the seed only
     generator = EmbeddedGenerator(cfg.model)
-    flat = [c for per in captions for c in per]
+    if per_image is not None:  # each image has its own caption (the attribute world): encode each distinct one once
+        flat = sorted(set(per_image[: len(data)]))
+        where = {c: i for i, c in enumerate(flat)}
+        caption_of_image = torch.tensor([where[c] for c in per_image[: len(data)]])
+    else:  # class-level template captions, drawn at random for each image of the class
+        flat = [c for per in class_captions(cfg.concepts, data.class_names, cfg.captions_per_class, cfg.seed) for c in per]
     tokens, pooled = generator.encode_text(flat + [""])
     empty_tokens, empty_pooled = tokens[-1], pooled[-1]
-    tokens, pooled = tokens[:-1].view(len(captions), cfg.captions_per_class, *tokens.shape[1:]), pooled[:-1].view(len(captions), cfg.captions_per_class, -1)
-    (out / "train_captions.txt").write_text("\n".join(flat) + "\n")
+    tokens, pooled = tokens[:-1], pooled[:-1]
+    atomic_write_text(out / "train_captions.txt", "\n".join(flat) + "\n")
 
     unet = generator.unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -196,7 +201,8 @@ def train_generator(cfg: GeneratorTrainConfig, resume: bool = True) -> Path:
         x0 = images[idx]
         y = labels[idx]
         cap = torch.randint(0, cfg.captions_per_class, (cfg.batch_size,), generator=rng)
-        ctx, pool = tokens[y, cap].clone(), pooled[y, cap].clone()
+        row = caption_of_image[idx] if per_image is not None else y * cfg.captions_per_class + cap
+        ctx, pool = tokens[row].clone(), pooled[row].clone()
         drop = torch.rand(cfg.batch_size, generator=rng) < cfg.caption_dropout
         ctx[drop], pool[drop] = empty_tokens, empty_pooled
         noise = torch.randn(x0.shape, generator=rng)
