@@ -219,7 +219,7 @@ def train(cfg: TrainConfig) -> Path:
     peak_lr = scaled_lr(cfg, info.world_size)
     optimizer = build_optimizer(cfg, model, peak_lr, device)
     use_amp = cfg.amp and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling (and the scaler's inf check would sync every step)
     step = 0
     ckpt = out / CHECKPOINT
     data_state = {"world_size": info.world_size, "num_workers": cfg.loader.num_workers, "groups": source.units.total,
