@@ -1,44 +1,64 @@
 import json
 
+import numpy as np
 import pytest
 
 from synrep.config import load_config
-from synrep.study import StudyConfig, run_study
+from synrep.study import StudyConfig, expected_seconds, interval, plan_rows, run_study
 
 
 @pytest.mark.slow
-def test_study_rows_come_from_one_command_and_resume(tmp_path, fashion_mnist_available):
+def test_study_sections_and_seeds_come_from_one_command_and_resume(tmp_path, fashion_mnist_available):
     if not fashion_mnist_available:
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     cfg = load_config(StudyConfig, None, [
-        f"out_dir={tmp_path}", "rows=[raw-pixels,stablerep-synthetic,genrep-latent-stablerep]", "guidance_sweep=[1.0]",
-        "latent_sigma_sweep=[1.0]",
-        "captions_per_concept=3", "images_per_caption=2", "steps=3", "groups_per_batch=8", "images_per_group=2",
-        "warmup_steps=1", "eval.probe_train_size=600", "eval.protocols=[knn]", "backbone.name=cnn"])
+        f"out_dir={tmp_path}", "rows=[raw-pixels,stablerep-synthetic]", "sections=[methods,images_per_caption]",
+        "images_per_caption_scaling=[1,2]", "seeds=[0,1]", "captions_per_concept=3", "images_per_caption=2", "steps=3",
+        "groups_per_batch=8", "images_per_group=2", "warmup_steps=1", "eval.probe_train_size=600", "eval.protocols=[knn]",
+        "backbone.name=cnn"])
     report = run_study(cfg)
-    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
-    assert [r["row"] for r in rows] == ["raw-pixels", "stablerep-synthetic", "genrep-latent-stablerep", "stablerep-guidance-1",
-                                        "genrep-latent-sigma-1"]
-    assert all(r["knn_top1"] > 10 for r in rows) and rows[1]["steps"] == 3
+    study = json.loads((tmp_path / "study.json").read_text())
+    names = ["raw-pixels", "stablerep-synthetic", "stablerep-n1", "stablerep-n2"]
+    assert [r["row"] for r in study["runs"]] == [n for n in names for _ in (0, 1)]
+    assert all(r["knn_top1"] > 10 for r in study["runs"])
+    assert [r["seed"] for r in study["runs"][:2]] == [0, 1]
+    trained = [r for r in study["runs"] if r["row"] == "stablerep-synthetic"]
+    assert trained[0]["encoder"] != trained[1]["encoder"], "each seed trains its own encoder"
     text = report.read_text()
-    assert "stablerep-guidance-1" in text and "Reproduce" in text
-    assert (tmp_path / "data" / "shards_latent_g2" / "index.json").exists() and (tmp_path / "data" / "shards_g1" / "index.json").exists()
-    assert (tmp_path / "data" / "shards_latent_g2_s1" / "index.json").exists()
-    before = (tmp_path / "rows" / "stablerep-synthetic" / "row.json").read_text()
-    run_study(cfg)  # everything complete: skipped, same rows
-    assert (tmp_path / "rows" / "stablerep-synthetic" / "row.json").read_text() == before
+    assert "## methods" in text and "## images per caption" in text and "±" in text and "Reproduce" in text
+    for section in ("methods", "images_per_caption"):
+        assert (tmp_path / f"study_{section}.png").exists()
+    data = tmp_path / "data"
+    assert (data / "shards_c3_n2_g2" / "index.json").exists() and (data / "shards_c6_n1_g2" / "index.json").exists()
+    before = (tmp_path / "rows" / "stablerep-synthetic" / "seed-1" / "row.json").read_text()
+    run_study(cfg)  # everything complete: skipped, same runs
+    assert (tmp_path / "rows" / "stablerep-synthetic" / "seed-1" / "row.json").read_text() == before
 
 
-def test_study_plan_sweeps_guidance_and_genrep_sigma_and_checks_values():
-    from synrep.study import _row_plan
-
-    cfg = load_config(StudyConfig, None, ["rows=[stablerep-synthetic,genrep-latent-stablerep]", "guidance_sweep=[2.0,4.0]",
-                                          "latent_sigma_sweep=[0.25,0.5,2.0]"])
-    plan = dict(_row_plan(cfg))
-    assert list(plan) == ["stablerep-synthetic", "genrep-latent-stablerep", "stablerep-guidance-4", "genrep-latent-sigma-0.25",
-                          "genrep-latent-sigma-2"]
-    assert plan["genrep-latent-sigma-2"]["data"] == ("latent", 2.0, 2.0) and plan["genrep-latent-stablerep"]["data"][2] == 0.5
-    no_genrep = load_config(StudyConfig, None, ["rows=[stablerep-synthetic]", "guidance_sweep=[]"])
-    assert [name for name, _ in _row_plan(no_genrep)] == ["stablerep-synthetic"]
+def test_study_plan_covers_the_sections_with_fair_batches():
+    cfg = load_config(StudyConfig, None, ["rows=[simclr-synthetic,stablerep-synthetic,genrep-latent-stablerep]",
+                                          "guidance_sweep=[2.0,4.0]", "latent_sigma_sweep=[0.25,2.0]"])
+    rows = {r.name: r for r in plan_rows(cfg)}
+    assert list(rows) == ["simclr-synthetic", "stablerep-synthetic", "genrep-latent-stablerep", "stablerep-guidance-2",
+                          "stablerep-guidance-4", "genrep-latent-sigma-0.25", "genrep-latent-sigma-2", "stablerep-captions-25",
+                          "stablerep-captions-50", "stablerep-captions-100", "stablerep-captions-400", "stablerep-n1",
+                          "stablerep-n2", "stablerep-n4", "stablerep-n8"]
+    simclr = rows["simclr-synthetic"]
+    assert (simclr.images_per_group, simclr.views, simclr.groups_per_batch) == (1, 2, 128), "one image per caption per batch"
+    assert rows["genrep-latent-sigma-2"].data.sigma == 2.0 and rows["genrep-latent-stablerep"].data.sigma == 0.5
+    budget = {n: rows[f"stablerep-n{n}"].data for n in (1, 2, 4, 8)}
+    assert {d.captions * d.images for d in budget.values()} == {400}, "a fixed image budget"
+    assert rows["stablerep-n8"].images_per_group * rows["stablerep-n8"].groups_per_batch == 256
+    assert rows["stablerep-captions-400"].data.captions == 400 and expected_seconds(cfg, list(rows.values())) > 0
     with pytest.raises(ValueError, match="latent_sigma_sweep"):
         load_config(StudyConfig, None, ["latent_sigma_sweep=[0.5,0]"])
+    with pytest.raises(ValueError, match="images_per_caption_scaling"):
+        load_config(StudyConfig, None, ["images_per_caption_scaling=[3]"])
+    with pytest.raises(ValueError, match="seeds"):
+        load_config(StudyConfig, None, ["seeds=[1,1]"])
+
+
+def test_interval_is_the_t_interval():
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(half - 4.302652729749462 * 1.0 / np.sqrt(3)) < 1e-9
+    assert interval([5.0]) == (5.0, 0.0)

@@ -52,17 +52,23 @@ def save_image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]], row_
 
 
 def save_curve(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
-               xlabel: str = "step", ylabel: str = "loss", logy: bool = False) -> Path:
-    """Line plot PNG of one or more named ``(x, y)`` series."""
+               xlabel: str = "step", ylabel: str = "loss", logy: bool = False, logx: bool = False,
+               errors: dict[str, Sequence[float]] | None = None) -> Path:
+    """Line plot PNG of one or more named ``(x, y)`` series; ``errors`` adds error bars (half-widths) per series."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), label=name, linewidth=1.2)
+        if errors and name in errors:
+            ax.errorbar(list(xs), list(ys), yerr=list(errors[name]), label=name, linewidth=1.2, marker="o", markersize=3, capsize=3)
+        else:
+            ax.plot(list(xs), list(ys), label=name, linewidth=1.2)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

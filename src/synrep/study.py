@@ -1,10 +1,20 @@
-"""``synrep study``: the papers' comparisons in miniature, every row from one command.
+"""``synrep study``: the papers' comparisons in miniature, every row from one command, several seeds each.
 
-Same encoder, same number of training steps and images per step for every trained row, all judged
-by the same probes on real Fashion-MNIST test images. Rows: random init, raw pixels, SimCLR and
-supervised on real train, and on synthetic images only: SimCLR, SupCon by concept, StableRep
-(multi-positive by caption), StableRep+, SynCLR, GenRep latent views, plus a guidance sweep for
-StableRep and a sigma sweep for the GenRep views. Every data set, row and evaluation is skipped when already complete (resumable).
+Same encoder, same number of training steps and images per step for every trained row, all judged by the
+same probes on real test images (``eval.dataset`` and any ``eval_tasks``, e.g. the attribute world's tasks).
+Sections (``sections``):
+
+- ``methods``: random init, raw pixels, SimCLR and supervised on real train, and on synthetic images only:
+  SimCLR (one image per caption per batch, two crops), SupCon by concept, StableRep, StableRep+, SynCLR,
+  GenRep latent views;
+- ``guidance``: StableRep at each guidance scale;
+- ``sigma``: StableRep on GenRep latent views at each sigma;
+- ``captions``: StableRep against the number of captions per concept (4 images each);
+- ``images_per_caption``: StableRep against images per caption at a fixed image budget (1 image = SimCLR's
+  two crops of it, as in StableRep's figure).
+
+Every row runs once per seed in ``seeds``; tables and PNGs show the mean and a 95% t-interval. Data sets, runs
+and evaluations are skipped when complete, so a killed study resumes; the expected time is logged first.
 """
 
 from __future__ import annotations
@@ -16,7 +26,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
+
+from .atomic import atomic_write_json, atomic_write_text
 from .captions import stage as captions_stage
 from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
@@ -24,15 +38,21 @@ from .errors import SynrepError
 from .evaluation.stage import EvalConfig, evaluate
 from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
-from .plots import save_bar_chart
+from .plots import save_bar_chart, save_curve
 from .training.backbones import BACKBONES, BackboneConfig
 from .training.loop import TrainConfig, train
-from .atomic import atomic_write_json, atomic_write_text
 
 LOG = logging.getLogger("synrep.study")
 
 ALL_ROWS = ["random-init", "raw-pixels", "simclr-real", "supervised-real", "simclr-synthetic", "supcon-synthetic",
             "stablerep-synthetic", "stablerep+-synthetic", "synclr-synthetic", "genrep-latent-stablerep"]
+Section = Literal["methods", "guidance", "sigma", "captions", "images_per_caption"]
+ALL_SECTIONS = ["methods", "guidance", "sigma", "captions", "images_per_caption"]
+SECTION_AXIS = {"guidance": "guidance scale", "sigma": "GenRep sigma", "captions": "captions per concept",
+                "images_per_caption": "images per caption (fixed image budget)"}
+# Rough CPU costs for the up-front estimate (2 cores, vit-micro at 28 px): seconds per training image,
+# per generated image, and per evaluation.
+SECONDS_PER_TRAIN_IMAGE, SECONDS_PER_GENERATED_IMAGE, SECONDS_PER_EVAL = 0.0009, 0.035, 25.0
 
 
 class StudyError(SynrepError, ValueError):
@@ -43,13 +63,17 @@ class StudyError(SynrepError, ValueError):
 class StudyConfig:
     out_dir: str = "runs/study"
     data_dir: str = ""  # captions + shards; "" = <out_dir>/data (point another study at it to reuse the images)
-    rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))
+    sections: list[Section] = field(default_factory=lambda: list(ALL_SECTIONS))  # which parts of the study to run
+    rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))  # rows of the methods section
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every row runs once per seed (mean and 95% interval)
     captions_per_concept: int = 100
     images_per_caption: int = 4
-    guidance_scale: float = 2.0
-    guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])
+    guidance_scale: float = 2.0  # the guidance of every synthetic row outside the guidance section
+    guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # guidance section
     latent_sigma: float = 0.5  # GenRep neighbour spread of the genrep-latent-stablerep row
-    latent_sigma_sweep: list[float] = field(default_factory=lambda: [0.25, 1.0])  # more GenRep sigmas, one row each (GenRep reports an inverse U)
+    latent_sigma_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # sigma section (GenRep reports an inverse U)
+    caption_scaling: list[int] = field(default_factory=lambda: [25, 50, 100, 400])  # captions section: captions per concept
+    images_per_caption_scaling: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # at captions_per_concept x images_per_caption images
     steps: int = 500
     groups_per_batch: int = 64
     images_per_group: int = 4
@@ -57,132 +81,253 @@ class StudyConfig:
     warmup_steps: int = 50
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit-micro", patch_size=7))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(probe_train_size=10000, protocols=["linear", "knn"]))
-    seed: int = 0
+    eval_tasks: list[str] = field(default_factory=list)  # more real test sets for every row, e.g. fmnist-world:pattern
     num_threads: int = 0
 
     def check(self) -> None:
         unknown = [row for row in self.rows if row not in ALL_ROWS]
         require(not unknown, "rows", f"unknown study row(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_ROWS)}")
-        for key in ("latent_sigma_sweep", "guidance_sweep"):
-            values = getattr(self, key)
-            require(all(math.isfinite(v) and v > (0 if key.startswith("latent") else -1e-12) for v in values), key,
-                    f"must be finite numbers {'> 0' if key.startswith('latent') else '>= 0'}, got {values}")
+        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", f"must be distinct seeds (one or more), got {self.seeds}")
+        require(all(math.isfinite(g) and g >= 0 for g in self.guidance_sweep), "guidance_sweep",
+                f"must be finite numbers >= 0, got {self.guidance_sweep}")
+        require(all(math.isfinite(s) and s > 0 for s in self.latent_sigma_sweep), "latent_sigma_sweep",
+                f"must be finite numbers > 0, got {self.latent_sigma_sweep}")
         require(math.isfinite(self.latent_sigma) and self.latent_sigma > 0, "latent_sigma", f"must be > 0, got {self.latent_sigma}")
+        for key in ("caption_scaling", "images_per_caption_scaling"):
+            require(all(v >= 1 for v in getattr(self, key)), key, f"must be counts >= 1, got {getattr(self, key)}")
+        budget = self.captions_per_concept * self.images_per_caption
+        require(all(budget % n == 0 for n in self.images_per_caption_scaling), "images_per_caption_scaling",
+                f"each value must divide the image budget captions_per_concept x images_per_caption = {budget}")
+        for key in ("captions_per_concept", "images_per_caption", "steps", "groups_per_batch", "images_per_group"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class Data:
+    """One synthetic data set: captions per concept, images per caption, guidance, GenRep sigma (None = independent)."""
+
+    captions: int
+    images: int
+    guidance: float
+    sigma: float | None = None
+
+    @property
+    def name(self) -> str:
+        views = "" if self.sigma is None else f"_latent_s{self.sigma:g}"
+        return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One study row: a section, its label, the x value on the section's axis, and what to train (None = a baseline)."""
+
+    section: str
+    name: str
+    x: float | None
+    method: str | None = None
+    data: Data | str | None = None  # a synthetic data set, "real", or None for the baselines
+    groups_per_batch: int | None = None
+    images_per_group: int | None = None
+    views: int | None = None
 
 
 def _data_root(cfg: StudyConfig) -> Path:
     return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
 
 
-def _shards(cfg: StudyConfig, guidance: float, sigma: float | None = None) -> str:
-    """The shard folder for one guidance scale, with GenRep latent views of spread ``sigma`` when it is given."""
-    name = f"shards_g{guidance:g}" if sigma is None else (
-        f"shards_latent_g{guidance:g}" if sigma == cfg.latent_sigma else f"shards_latent_g{guidance:g}_s{sigma:g}")
-    folder = _data_root(cfg) / name
+def _captions(cfg: StudyConfig, per_concept: int) -> Path:
+    folder = _data_root(cfg) / f"captions_{per_concept}"
+    if not captions_stage.is_complete(folder):
+        run_captions(CaptionsConfig(out_dir=str(folder), per_concept=per_concept, seed=0, num_threads=cfg.num_threads))
+    return captions_stage.outputs(folder)["captions"]
+
+
+def _shards(cfg: StudyConfig, data: Data) -> str:
+    folder = _data_root(cfg) / f"shards_{data.name}"
     if not generate_stage.is_complete(folder):
-        run_generate(GenerateConfig(captions=str(captions_stage.outputs(_data_root(cfg) / "captions")["captions"]), out_dir=str(folder),
-                                    images_per_caption=cfg.images_per_caption, guidance_scale=guidance,
-                                    views="independent" if sigma is None else "latent", sigma=sigma or cfg.latent_sigma,
-                                    seed=cfg.seed, num_threads=cfg.num_threads))
+        run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions)), out_dir=str(folder), images_per_caption=data.images,
+                                    guidance_scale=data.guidance, views="independent" if data.sigma is None else "latent",
+                                    sigma=data.sigma or cfg.latent_sigma, seed=0, num_threads=cfg.num_threads))
     return str(folder)
 
 
-def _row_plan(cfg: StudyConfig) -> list[tuple[str, dict]]:
-    """(row name, training overrides or a fixed baseline) in order."""
+def plan_rows(cfg: StudyConfig) -> list[Row]:
+    """Every row of the chosen sections, in report order (a pure function of the config)."""
     batch = cfg.groups_per_batch * cfg.images_per_group
-    plan = []
-    for row in cfg.rows:
-        if row in ("random-init", "raw-pixels"):
-            plan.append((row, {}))
-        elif row.endswith("-real"):
-            plan.append((row, {"method": row.split("-")[0], "data": f"real:{cfg.eval.dataset}", "groups_per_batch": batch, "images_per_group": 1}))
-        elif row.endswith("-synthetic"):
-            plan.append((row, {"method": row[: -len("-synthetic")], "data": ("g", cfg.guidance_scale)}))
-        elif row == "genrep-latent-stablerep":
-            plan.append((row, {"method": "stablerep", "data": ("latent", cfg.guidance_scale, cfg.latent_sigma)}))
-        else:
-            raise StudyError(f"unknown study row {row!r}; choose from {', '.join(ALL_ROWS)}")
-    for g in cfg.guidance_sweep:
-        if g != cfg.guidance_scale:
-            plan.append((f"stablerep-guidance-{g:g}", {"method": "stablerep", "data": ("g", g)}))
-    if "genrep-latent-stablerep" in cfg.rows:
-        for sigma in cfg.latent_sigma_sweep:
-            if sigma != cfg.latent_sigma:
-                plan.append((f"genrep-latent-sigma-{sigma:g}", {"method": "stablerep", "data": ("latent", cfg.guidance_scale, sigma)}))
-    return plan
+    main = Data(cfg.captions_per_concept, cfg.images_per_caption, cfg.guidance_scale)
+    single = dict(groups_per_batch=batch // 2, images_per_group=1, views=2)  # one image per caption per batch, two crops
+    rows = []
+    if "methods" in cfg.sections:
+        for name in cfg.rows:
+            if name in ("random-init", "raw-pixels"):
+                rows.append(Row("methods", name, None))
+            elif name == "simclr-real":
+                rows.append(Row("methods", name, None, "simclr", "real", **single))
+            elif name == "supervised-real":
+                rows.append(Row("methods", name, None, "supervised", "real", groups_per_batch=batch, images_per_group=1))
+            elif name == "simclr-synthetic":
+                rows.append(Row("methods", name, None, "simclr", main, **single))
+            elif name == "genrep-latent-stablerep":
+                rows.append(Row("methods", name, None, "stablerep", dataclasses.replace(main, sigma=cfg.latent_sigma)))
+            else:
+                rows.append(Row("methods", name, None, name[: -len("-synthetic")], main))
+    if "guidance" in cfg.sections:
+        rows += [Row("guidance", f"stablerep-guidance-{g:g}", g, "stablerep", dataclasses.replace(main, guidance=g))
+                 for g in cfg.guidance_sweep]
+    if "sigma" in cfg.sections:
+        rows += [Row("sigma", f"genrep-latent-sigma-{s:g}", s, "stablerep", dataclasses.replace(main, sigma=s))
+                 for s in cfg.latent_sigma_sweep]
+    if "captions" in cfg.sections:
+        rows += [Row("captions", f"stablerep-captions-{c}", c, "stablerep", dataclasses.replace(main, captions=c))
+                 for c in cfg.caption_scaling]
+    if "images_per_caption" in cfg.sections:
+        budget = cfg.captions_per_concept * cfg.images_per_caption
+        for n in cfg.images_per_caption_scaling:
+            data = Data(budget // n, n, cfg.guidance_scale)
+            shape = single if n == 1 else dict(groups_per_batch=max(1, batch // n), images_per_group=n)
+            rows.append(Row("images_per_caption", f"stablerep-n{n}", n, "stablerep", data, **shape))
+    return rows
+
+
+def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
+    """A rough estimate of the whole study on this kind of machine (data sets + training + evaluations)."""
+    images = {r.data.name: r.data.captions * r.data.images * 10 for r in rows if isinstance(r.data, Data)}
+    trained = sum(1 for r in rows if r.method) * len(cfg.seeds)
+    evals = len(rows) * len(cfg.seeds) * (1 + len(cfg.eval_tasks))
+    batch = cfg.groups_per_batch * cfg.images_per_group
+    return (sum(images.values()) * SECONDS_PER_GENERATED_IMAGE + trained * cfg.steps * batch * SECONDS_PER_TRAIN_IMAGE
+            + evals * SECONDS_PER_EVAL)
+
+
+def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
+    folder = Path(cfg.out_dir) / "rows" / row.name / f"seed-{seed}"
+    done = folder / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    start, train_seconds = time.time(), 0.0
+    if row.method is None:
+        encoder = "pixels" if row.name == "raw-pixels" else f"random:{cfg.backbone.name}"
+    else:
+        data = f"real:{cfg.eval.dataset}" if row.data == "real" else _shards(cfg, row.data)
+        tcfg = TrainConfig(data=data, out_dir=str(folder / "train"), method=row.method, backbone=dataclasses.replace(cfg.backbone),
+                           steps=cfg.steps, groups_per_batch=row.groups_per_batch or cfg.groups_per_batch,
+                           images_per_group=row.images_per_group or cfg.images_per_group, base_lr=cfg.base_lr,
+                           warmup_steps=cfg.warmup_steps, seed=seed, num_threads=cfg.num_threads, log_every=20)
+        if row.views:
+            tcfg.loss.views = row.views
+        t0 = time.time()
+        encoder = str(train(tcfg))
+        train_seconds = time.time() - t0
+    scores = {}
+    for dataset in [cfg.eval.dataset, *cfg.eval_tasks]:
+        sub = "eval" if dataset == cfg.eval.dataset else f"eval-{dataset.replace(':', '-')}"
+        ev = dataclasses.replace(cfg.eval, encoder=encoder, dataset=dataset, out_dir=str(folder / sub), seed=seed,
+                                 num_threads=cfg.num_threads,
+                                 random_backbone=dataclasses.replace(cfg.backbone, image_size=28, in_channels=1))
+        r = evaluate(ev)
+        scores[dataset] = {"linear_top1": r.get("linear", {}).get("top1"), "knn_top1": r.get("knn", {}).get("top1")}
+    result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
+              "data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "encoder": encoder, "scores": scores,
+              "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
+              "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
+              "steps": cfg.steps if row.method else 0}
+    atomic_write_json(done, result)
+    return result
 
 
 def run_study(cfg: StudyConfig) -> Path:
-    plan = _row_plan(cfg)  # before anything is written: an unknown row fails at once
+    rows = plan_rows(cfg)  # before anything is written: a bad plan fails at once
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
-    if not captions_stage.is_complete(_data_root(cfg) / "captions"):
-        run_captions(CaptionsConfig(out_dir=str(_data_root(cfg) / "captions"), per_concept=cfg.captions_per_concept,
-                                    seed=cfg.seed, num_threads=cfg.num_threads))
-    results = {}
-    for name, spec in plan:
-        folder = root / "rows" / name
-        if (folder / "row.json").exists():
-            results[name] = json.loads((folder / "row.json").read_text())
-            LOG.info("study row %s: complete, skipped", name)
+    LOG.info("study: %d rows x %d seeds; expected about %.0f minutes on 2 CPU cores (less for what is already done)",
+             len(rows), len(cfg.seeds), expected_seconds(cfg, rows) / 60)
+    results: list[dict] = []
+    for row in rows:
+        if row.method == "synclr" and not BACKBONES.traits(cfg.backbone.name)["patch_tokens"]:
+            LOG.warning("study row %s skipped: SynCLR's masked modelling needs a ViT backbone, not %s", row.name, cfg.backbone.name)
             continue
-        if spec.get("method") == "synclr" and not BACKBONES.traits(cfg.backbone.name)["patch_tokens"]:
-            LOG.warning("study row %s skipped: SynCLR's masked modelling needs a ViT backbone, not %s", name, cfg.backbone.name)
-            results[name] = {"row": name, "method": "synclr", "data": "-", "encoder": "-", "linear_top1": None, "knn_top1": None,
-                             "train_seconds": 0.0, "total_seconds": 0.0, "seed": cfg.seed, "steps": 0,
-                             "note": f"needs a ViT backbone (got {cfg.backbone.name})"}
-            continue
-        LOG.info("study row %s", name)
-        start = time.time()
-        train_seconds = 0.0
-        if name == "raw-pixels":
-            encoder = "pixels"
-        elif name == "random-init":
-            encoder = f"random:{cfg.backbone.name}"
-        else:
-            data = spec["data"]
-            if isinstance(data, tuple):
-                data = _shards(cfg, data[1], data[2] if data[0] == "latent" else None)
-            t0 = time.time()
-            tcfg = TrainConfig(data=data, out_dir=str(folder / "train"), method=spec["method"], backbone=dataclasses.replace(cfg.backbone),
-                               steps=cfg.steps, groups_per_batch=spec.get("groups_per_batch", cfg.groups_per_batch),
-                               images_per_group=spec.get("images_per_group", cfg.images_per_group), base_lr=cfg.base_lr,
-                               warmup_steps=cfg.warmup_steps,
-                               seed=cfg.seed, num_threads=cfg.num_threads, log_every=20)
-            encoder = str(train(tcfg))
-            train_seconds = time.time() - t0
-        ev = dataclasses.replace(cfg.eval, encoder=encoder, out_dir=str(folder / "eval"), seed=cfg.seed, num_threads=cfg.num_threads,
-                                 random_backbone=dataclasses.replace(cfg.backbone, image_size=28, in_channels=1))
-        r = evaluate(ev)
-        row = {"row": name, "method": spec.get("method", name), "data": str(spec.get("data", "-")), "encoder": encoder,
-               "linear_top1": r.get("linear", {}).get("top1"), "knn_top1": r.get("knn", {}).get("top1"),
-               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1), "seed": cfg.seed,
-               "steps": 0 if name in ("raw-pixels", "random-init") else cfg.steps}
-        atomic_write_json(folder / "row.json", row)
-        results[name] = row
+        for seed in cfg.seeds:
+            LOG.info("study row %s, seed %d", row.name, seed)
+            results.append(_run_one(cfg, row, seed))
     return write_study_report(root, cfg, results)
 
 
-def write_study_report(root: Path, cfg: StudyConfig, results: dict) -> Path:
-    rows = list(results.values())
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% t-interval (0 for one value)."""
+    xs = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(xs) == 0:
+        return float("nan"), float("nan")
+    if len(xs) == 1:
+        return float(xs[0]), 0.0
+    from scipy.stats import t
+
+    return float(xs.mean()), float(t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs)))
+
+
+def summarise(results: list[dict], datasets: list[str]) -> list[dict]:
+    """One line per row (in first-seen order): mean and 95% half-width of each score over its seeds."""
+    rows: dict[str, list[dict]] = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+    out = []
+    for name, runs in rows.items():
+        line = {"row": name, "section": runs[0]["section"], "x": runs[0]["x"], "method": runs[0]["method"], "seeds": len(runs),
+                "train_seconds": round(float(np.mean([r["train_seconds"] for r in runs])), 1)}
+        for dataset in datasets:
+            for metric in ("linear_top1", "knn_top1"):
+                line[f"{dataset}|{metric}"] = interval([r["scores"].get(dataset, {}).get(metric) for r in runs])
+        out.append(line)
+    return out
+
+
+def _cell(value: tuple[float, float]) -> str:
+    mean, half = value
+    return "—" if mean != mean else (f"{mean:.2f}" if half == 0 else f"{mean:.2f} ± {half:.2f}")
+
+
+def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Path:
+    datasets = [cfg.eval.dataset, *cfg.eval_tasks]
+    lines_by_row = summarise(results, datasets)
     batch = cfg.groups_per_batch * cfg.images_per_group
     lines = ["# synrep miniature study", "",
-             f"Encoder `{cfg.backbone.name}` (patch {cfg.backbone.patch_size}) for every trained row; {cfg.steps} steps x {batch} images per step; "
-             f"seed {cfg.seed}. Synthetic data: {cfg.captions_per_concept} template captions per Fashion-MNIST concept x "
-             f"{cfg.images_per_caption} images from the embedded generator (guidance {cfg.guidance_scale:g} unless the row says otherwise). "
-             f"Evaluation: frozen features on the real Fashion-MNIST test split, linear probe fit on {cfg.eval.probe_train_size or 60000} real train images.", "",
-             "| row | method | linear top-1 (%) | kNN top-1 (%) | train s | total s |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lin = f"{r['linear_top1']:.2f}" if r["linear_top1"] is not None else "—"
-        knn = f"{r['knn_top1']:.2f}" if r["knn_top1"] is not None else "—"
-        lines.append(f"| {r['row']} | {r['method']} | {lin} | {knn} | {r['train_seconds']} | {r['total_seconds']} |")
-    lines += ["", "![linear probe per row](study.png)", "", "Reproduce: `synrep study` (resumable; rows already done are skipped).", ""]
-    scored = [r for r in rows if r["linear_top1"] is not None]
-    if scored:
-        save_bar_chart(root / "study.png", [r["row"] for r in scored], [r["linear_top1"] for r in scored],
-                       f"miniature study ({cfg.backbone.name}): linear probe on real Fashion-MNIST test", "top-1 (%)")
-    atomic_write_json(root / "study.json", {"config": dataclasses.asdict(cfg), "rows": rows})
+             f"Encoder `{cfg.backbone.name}` (patch {cfg.backbone.patch_size}) for every trained row; {cfg.steps} steps x {batch} "
+             f"images per step; seeds {cfg.seeds} (mean ± 95% t-interval). Synthetic data: template captions per concept x images "
+             f"from the embedded generator (guidance {cfg.guidance_scale:g} unless the row says otherwise). Evaluation: frozen "
+             f"features on real test images ({', '.join(datasets)}), linear probe fit on {cfg.eval.probe_train_size or 'all'} real "
+             f"train images.", ""]
+    summary = {}
+    for section in ALL_SECTIONS:
+        part = [r for r in lines_by_row if r["section"] == section]
+        if not part:
+            continue
+        header = "| row | " + ("" if section == "methods" else f"{SECTION_AXIS[section]} | ") + " | ".join(
+            f"{d} linear | {d} kNN" for d in datasets) + " | seeds | train s |"
+        lines += [f"## {section.replace('_', ' ')}", "", header, "|" + "---|" * (header.count("|") - 1)]
+        for r in part:
+            cells = [_cell(r[f"{d}|{m}"]) for d in datasets for m in ("linear_top1", "knn_top1")]
+            lines.append(f"| {r['row']} | " + ("" if section == "methods" else f"{r['x']:g} | ") + " | ".join(cells)
+                         + f" | {r['seeds']} | {r['train_seconds']} |")
+        png = f"study_{section}.png"
+        metric = "linear_top1" if "linear" in cfg.eval.protocols else "knn_top1"
+        headline = [r[f"{cfg.eval.dataset}|{metric}"] for r in part]
+        if section == "methods":
+            scored = [(r["row"], v) for r, v in zip(part, headline) if v[0] == v[0]]
+            if scored:
+                save_bar_chart(root / png, [n for n, _ in scored], [v[0] for _, v in scored],
+                               f"methods ({cfg.backbone.name}): {metric.split('_')[0]} top-1, mean ± 95% interval", "top-1 (%)",
+                               errors=[v[1] for _, v in scored])
+        else:
+            xs = [r["x"] for r in part]
+            curves = {label: [r[f"{cfg.eval.dataset}|{key}"] for r in part] for label, key in (("linear", "linear_top1"), ("kNN", "knn_top1"))}
+            curves = {label: values for label, values in curves.items() if any(v[0] == v[0] for v in values)}
+            save_curve(root / png, {label: (xs, [v[0] for v in values]) for label, values in curves.items()},
+                       title=f"{section.replace('_', ' ')}: mean ± 95% interval", xlabel=SECTION_AXIS[section], ylabel="top-1 (%)",
+                       errors={label: [v[1] for v in values] for label, values in curves.items()}, logx=section == "captions")
+        lines += ["", f"![{section}]({png})", ""]
+        summary[section] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in part]
+    lines += ["Reproduce: `synrep study` (resumable; runs already done are skipped).", ""]
+    atomic_write_json(root / "study.json", {"config": dataclasses.asdict(cfg), "runs": results, "summary": summary})
     path = root / "study.md"
     atomic_write_text(path, "\n".join(lines))
     return path
