@@ -621,3 +621,24 @@ def test_auto_near_duplicates_use_lsh_for_diverse_rows_and_exact_for_alike_ones(
     alike /= np.linalg.norm(alike, axis=1, keepdims=True)
     monkeypatch.setattr(cleaning, "_near_duplicates_lsh", lambda *a, **k: pytest.fail("LSH used"))
     assert near_duplicate_mask(alike, 0.999).tolist() == _brute_force_near_duplicates(alike, 0.999)
+
+
+def test_concept_weights_share_out_captions_from_a_mapping_or_an_audit(tmp_path):
+    weights = tmp_path / "w.yaml"
+    weights.write_text("sandal: 4\nbag: 0\n")
+    cfg = CaptionsConfig(out_dir=str(tmp_path / "w"), per_concept=10, dedup="text", concept_weights=str(weights))
+    counts = Counter(r["concept"] for r in read_captions(run_captions(cfg)))
+    # weights 4, 0 and 1 for the other eight: mean 1.2, so 33, 1 (never 0) and 8 captions
+    assert counts["sandal"] == 33 and counts["bag"] == 1 and counts["coat"] == 8
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"agreement": {"per_concept": {"coat": {"mean": 0.2}, "bag": {"mean": 0.99}}}}))
+    hard = CaptionsConfig(out_dir=str(tmp_path / "a"), per_concept=10, dedup="text", concept_weights=f"audit:{audit}")
+    counts = Counter(r["concept"] for r in read_captions(run_captions(hard)))
+    assert counts["coat"] > counts["sandal"] > counts["bag"], "the concept whose images agree least gets the most captions"
+    (tmp_path / "bad.yaml").write_text("sneeker: 2\n")
+    from synrep.errors import SynrepError
+
+    with pytest.raises(SynrepError, match="not in the list: sneeker"):
+        run_captions(CaptionsConfig(out_dir=str(tmp_path / "b"), concept_weights=str(tmp_path / "bad.yaml")))
+    with pytest.raises(SynrepError, match="not a readable synrep audit.json"):
+        run_captions(CaptionsConfig(out_dir=str(tmp_path / "c"), concept_weights=f"audit:{weights}"))

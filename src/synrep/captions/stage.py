@@ -72,6 +72,7 @@ class CaptionsConfig:
     preset: Literal["demo", "synclr"] = "demo"  # demo: three templates, no background-only captions; synclr: the synthesis script's template mix
     backend: str = "template"  # template | smollm2 | hf:<path-or-id> | openai:<http(s)://host:port>
     per_concept: int = 20
+    concept_weights: str = ""  # "" = per_concept for every concept; a YAML file {concept: weight}; or audit:<audit.json> (more captions for concepts whose images agree least with their captions)
     seed: int = 0
     mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # template weights c, c+bg, c+rel[, bg]; SynCLR: [0.40, 0.41, 0.10, 0.09]
     num_examples: int = 3
@@ -289,21 +290,23 @@ def _ask(backend, requests: list[CaptionRequest], log: _ReplyLog | None) -> list
 
 
 def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, backend, pools, backgrounds,
-                      deduper, log: _ReplyLog | None = None) -> tuple[list[dict], dict]:
+                      deduper, log: _ReplyLog | None = None, targets: list[int] | None = None) -> tuple[list[dict], dict]:
     """Captions for one concept: batched first attempts, rejected ones retried, then de-duplicated, topped up.
 
     A request that gets no reply stops the concept with :class:`_ConceptFailed` (a failure is never a
     rejection: retrying it with a new sample would change what a healthy run writes).
     """
     concept = concepts.concepts[index]
+    targets = targets or [cfg.per_concept] * len(concepts.concepts)
     mix = dict(zip(TEMPLATES, cfg.mix))
     bgs = backgrounds.get(concept.name) or generic_backgrounds()
     kept: list[dict] = []
     rejected, duplicates, reasons = 0, 0, Counter()
     next_index, rounds = 0, 0
-    while len(kept) < cfg.per_concept and rounds < 1 + cfg.max_retries * 4:
+    target = targets[index]
+    while len(kept) < target and rounds < 1 + cfg.max_retries * 4:
         rounds += 1
-        need = cfg.per_concept - len(kept)
+        need = target - len(kept)
         requests = plan_requests(concepts, concept, need, cfg.seed, mix, bgs, pools, cfg.num_examples, start=next_index)
         next_index += need
         results = []
@@ -330,13 +333,13 @@ def _concept_captions(cfg: CaptionsConfig, concepts: ConceptList, index: int, ba
         candidates = kept + results
         keep, removed = deduper.filter([r["caption"] for r in candidates])
         duplicates += removed
-        kept = [candidates[i] for i in keep][: cfg.per_concept]
+        kept = [candidates[i] for i in keep][:target]
     stats = {"concept": concept.name, "captions": len(kept), "rejected": rejected, "duplicates": duplicates,
              "reject_reasons": dict(reasons), "templates": dict(Counter(r["template"] for r in kept)),
              "request_failures": dict(log.failures) if log else {}, "request_retries": dict(log.retries) if log else {}}
-    if len(kept) < cfg.per_concept:
+    if len(kept) < target:
         LOG.warning("concept %r: only %d of %d captions after %d rounds (%d rejected, %d duplicates)",
-                    concept.name, len(kept), cfg.per_concept, rounds, rejected, duplicates)
+                    concept.name, len(kept), target, rounds, rejected, duplicates)
     return kept, stats
 
 
@@ -364,6 +367,43 @@ def _failure_message(where: str, failures: Counter, attempts: int, unfinished: i
     tried = "tried once each" if attempts == 1 else f"tried up to {attempts} times each"
     return (f"captions: {sum(failures.values())} requests to {where} got no reply ({tried}; {format_causes(failures)}){hint}; "
             f"{left}. Finished concepts are kept: rerun the same command to send exactly the requests that failed")
+
+
+def concept_targets(cfg: CaptionsConfig, concepts: ConceptList) -> list[int]:
+    """Captions to write per concept: ``per_concept`` each, or shared out by ``concept_weights`` (mean weight 1,
+    so the total stays about ``per_concept x concepts``; every concept keeps at least one)."""
+    weights = concept_weights(cfg.concept_weights, [c.name for c in concepts.concepts])
+    if weights is None:
+        return [cfg.per_concept] * len(concepts.concepts)
+    mean = float(np.mean(weights))
+    return [max(1, round(cfg.per_concept * w / mean)) for w in weights]
+
+
+def concept_weights(spec: str, names: list[str]) -> list[float] | None:
+    """Weights per concept from a YAML mapping or an audit (``audit:<audit.json>``: 1.5 - mean agreement, so a
+    concept whose images show it least gets the most captions); None for ``""``."""
+    if not spec:
+        return None
+    if spec.startswith("audit:"):
+        path = Path(spec[len("audit:"):])
+        try:
+            audit = json.loads(path.read_text(encoding="utf-8"))
+            agreement = {c: float(v["mean"]) for c, v in audit["agreement"]["per_concept"].items() if v.get("mean") is not None}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise CaptionsError(f"concept_weights: {path} is not a readable synrep audit.json with agreement per concept ({err})") from None
+        mapping = {c: 1.5 - a for c, a in agreement.items()}
+        missing = 1.5 - float(np.mean(list(agreement.values()))) if agreement else 1.0
+        return [mapping.get(n, missing) for n in names]
+    mapping = read_yaml(Path(spec), "concept weights file", CaptionsError)
+    if not isinstance(mapping, dict) or not all(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v) for v in mapping.values()):
+        raise CaptionsError(f"concept weights file {spec} must map concept names to numbers >= 0")
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        raise CaptionsError(f"concept weights file {spec} names concepts not in the list: {', '.join(map(str, unknown[:5]))}")
+    weights = [float(mapping.get(n, 1.0)) for n in names]
+    if not any(weights):
+        raise CaptionsError(f"concept weights file {spec}: every weight is 0")
+    return weights
 
 
 RESUMABLE_CHANGES = ("out_dir", "num_threads", "concurrency", "timeout_s", "max_retries", "backoff_s", "min_fraction",
@@ -401,6 +441,7 @@ def run_captions(cfg: CaptionsConfig) -> Path:
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     concepts = load_concepts(cfg.concepts)
+    targets = concept_targets(cfg, concepts)  # a bad weights file fails here, before anything is written
     _check_same_settings(cfg, out)
     if info.is_main:
         save_config(cfg, out)
@@ -435,7 +476,7 @@ def run_captions(cfg: CaptionsConfig) -> Path:
                     log = _ReplyLog(parts / f"concept-{i:05d}.replies.jsonl", _reply_settings(cfg, concepts.concepts[i].name)) \
                         if remote else None
                     try:
-                        records, stats = _concept_captions(cfg, concepts, i, backend, pools, backgrounds, deduper, log)
+                        records, stats = _concept_captions(cfg, concepts, i, backend, pools, backgrounds, deduper, log, targets)
                     except _ConceptFailed as err:  # not marked done: a rerun sends the failed requests again
                         unfinished += 1
                         failures.update(err.causes)
@@ -496,7 +537,7 @@ def merge_parts(cfg: CaptionsConfig, concepts: ConceptList, seconds: float, made
     counts = [int(p["captions"]) for p in per_concept]
     rejected, duplicates = sum(p["rejected"] for p in per_concept), sum(p["duplicates"] for p in per_concept)
     reasons = sum((Counter(p["reject_reasons"]) for p in per_concept), Counter())
-    _check_enough(cfg, sum(counts), len(concepts.concepts) * cfg.per_concept, rejected, reasons, duplicates, parts)
+    _check_enough(cfg, sum(counts), sum(concept_targets(cfg, concepts)), rejected, reasons, duplicates, parts)
     templates: Counter = Counter()
     words = WordCounter()
     reader = _PartLines([parts / f"concept-{i:05d}.jsonl" for i in range(len(counts))], counts)
