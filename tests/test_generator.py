@@ -78,6 +78,7 @@ def test_shipped_weights_load_offline_and_draw_recognisable_images(fashion_mnist
     assert accuracy > 0.5, f"fidelity {accuracy:.2f} is not far above chance (0.10)"
 
 
+@pytest.mark.slow
 def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_path, fashion_mnist_available):
     if not fashion_mnist_available:
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
@@ -94,6 +95,18 @@ def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_pat
     assert "one per image" in (folder / "MODEL_CARD.md").read_text()
     generator = load_embedded_generator(folder)
     assert generator.cfg.image_size == 40
+    from synrep.embedded_t2i.fidelity import FidelityConfig, run_fidelity
+
+    fid = load_config(FidelityConfig, None, [f"generator={folder}", f"out_dir={tmp_path / 'fid'}", "dataset=fmnist-world",
+                                            "guidance_scales=[2]", "captions_per_class=1", "seeds_per_caption=2", "steps=2",
+                                            "classifier_epochs=3", "classifier_train_size=2048", "attribute_captions=12"])
+    results = run_fidelity(fid)
+    tasks = results["attributes"]["tasks"]
+    assert set(tasks) == {"class", "tone", "pattern", "size", "position", "tilt"}
+    assert all(0 <= t["fidelity"] <= 100 and t["chance"] > 0 for t in tasks.values())
+    assert tasks["position"]["classifier_real_test_top1"] > 2 * tasks["position"]["chance"], "position is easy to read from real images"
+    assert "Per-attribute fidelity" in (tmp_path / "fid" / "fidelity.md").read_text()
+    assert (tmp_path / "fid" / "attribute_samples.png").exists()
     wrong = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'w'}", "dataset=fmnist-world", "steps=1", "limit_images=8"])
     with pytest.raises(Exception, match="model expects"):
         train_generator(wrong)

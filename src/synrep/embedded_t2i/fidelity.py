@@ -45,6 +45,8 @@ class FidelityConfig:
     seeds_per_caption: int = 8
     steps: int = 10
     classifier_epochs: int = 2
+    classifier_train_size: int = 0  # real train images for the classifiers (0 = all)
+    attribute_captions: int = 300  # attribute world (dataset=fmnist-world): real test captions drawn for per-attribute fidelity
     seed: int = 0
     num_threads: int = 0
 
@@ -56,19 +58,39 @@ class FidelityConfig:
         for key in ("captions_per_class", "seeds_per_caption", "steps", "classifier_epochs"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.seeds_per_caption >= 2, "seeds_per_caption", f"must be >= 2 (diversity compares images of a caption), got {self.seeds_per_caption}")
-        require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
+        for key in ("num_threads", "classifier_train_size"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.attribute_captions >= 6, "attribute_captions", f"must be >= 6, got {self.attribute_captions}")
 
 
-def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int) -> tuple[nn.Module, float]:
-    """Small CNN + linear head on real train (cached in ``out_dir``); returns it and its real test accuracy (%)."""
-    path = out_dir / "classifier.pt"
-    model = nn.Sequential(SmallCNN(1, 32), nn.Linear(256, 10))
+class SpatialClassifier(nn.Module):
+    """The small CNN with a 3 x 3 pooled map instead of a global mean, so that where things are (the attribute
+    world's position, size) survives to the linear head: ``[B, 1, H, W]`` -> logits ``[B, classes]``."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.cnn = SmallCNN(1, 32)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Linear(self.cnn.feature_dim * 9, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.cnn.features(x)).flatten(1))
+
+
+def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit: int = 0) -> tuple[nn.Module, float]:
+    """Small CNN + linear head on real train (the first ``limit`` images when > 0; cached in ``out_dir``); returns it
+    and its real test accuracy (%)."""
+    name = "classifier.pt" if ":" not in dataset else f"classifier-{dataset.replace(':', '-')}.pt"
+    path = out_dir / name
     test = load_dataset(dataset, "test")
+    model = SpatialClassifier(len(test.class_names)) if ":" in dataset else nn.Sequential(SmallCNN(1, 32), nn.Linear(256, len(test.class_names)))
     xt = torch.from_numpy(test.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         train = load_dataset(dataset, "train")
+        if limit:
+            train = train.subset(np.arange(min(limit, len(train))))
         x = torch.from_numpy(train.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         y = torch.from_numpy(train.labels)
         torch.manual_seed(seed)
@@ -108,7 +130,7 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     save_config(cfg, out)
     generator = load_embedded_generator(cfg.generator or None)  # a bad generator or concept list fails before any training
     concepts = load_concepts(cfg.concepts)
-    classifier, real_acc = train_classifier(out, cfg.dataset, cfg.classifier_epochs, cfg.seed)
+    classifier, real_acc = train_classifier(out, cfg.dataset, cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size)
     LOG.info("fidelity classifier: %.2f%% on real %s test", real_acc, cfg.dataset)
     classes = sorted((c for c in concepts.concepts if c.label is not None), key=lambda c: c.label)
     test = load_dataset(cfg.dataset, "test")
@@ -148,9 +170,40 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
                {"fidelity (%)": (scales, [results["scales"][str(s)]["mean_fidelity"] for s in cfg.guidance_scales]),
                 "diversity x 100": (scales, [100 * results["scales"][str(s)]["within_caption_distance"] for s in cfg.guidance_scales])},
                title="fidelity vs diversity over guidance scale", xlabel="guidance scale", ylabel="value")
+    if DATASETS.traits(cfg.dataset).get("image_captions"):
+        results["attributes"] = attribute_fidelity(cfg, generator, out)
     atomic_write_json(out / "fidelity.json", results)
     atomic_write_text(out / "fidelity.md", fidelity_table(results))
     return results
+
+
+def attribute_fidelity(cfg: FidelityConfig, generator, out: Path) -> dict:
+    """Per-attribute fidelity on the attribute world: images drawn from real *test* captions (at the first guidance
+    scale), each attribute read back by a classifier trained on the real *train* split for that attribute."""
+    from ..world import ATTRIBUTES, build_split
+
+    _, classes, attrs, captions = build_split("test")
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.sort(rng.choice(len(captions), min(cfg.attribute_captions, len(captions)), replace=False))
+    prompts = [captions[i] for i in rows]
+    noise = torch.stack([torch.randn(generator.latent_shape(1)[1:], generator=torch.Generator().manual_seed(
+        stable_seed("attribute-fidelity", cfg.seed, int(i)) % 2**63)) for i in rows])
+    images = torch.cat([generator.sample(prompts[k:k + 64], noise[k:k + 64], cfg.guidance_scales[0], cfg.steps)
+                        for k in range(0, len(prompts), 64)])
+    truth = {"class": classes[rows], **{name: values[rows] for name, values in attrs.items()}}
+    result = {"guidance": cfg.guidance_scales[0], "captions": len(rows), "tasks": {}}
+    for task in ("class", *ATTRIBUTES):
+        classifier, real_acc = train_classifier(out, f"fmnist-world:{task}", cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size)
+        with torch.no_grad():
+            pred = classifier(images * 2 - 1).argmax(1).numpy()
+        chance = 100.0 / (10 if task == "class" else len(ATTRIBUTES[task]))
+        result["tasks"][task] = {"fidelity": float((pred == truth[task]).mean() * 100), "chance": chance,
+                                 "classifier_real_test_top1": real_acc}
+        LOG.info("attribute fidelity %s: %.1f%% (chance %.1f%%, classifier on real test %.1f%%)", task,
+                 result["tasks"][task]["fidelity"], chance, real_acc)
+    save_image_grid(out / "attribute_samples.png", [list(to_uint8(images[k * 6:(k + 1) * 6])) for k in range(min(6, len(rows) // 6))],
+                    [prompts[k * 6] for k in range(min(6, len(rows) // 6))], title="attribute world: generated from real test captions")
+    return result
 
 
 def fidelity_table(results: dict) -> str:
@@ -162,4 +215,10 @@ def fidelity_table(results: dict) -> str:
     for scale, r in results["scales"].items():
         lines.append(f"| {scale} | {r['mean_fidelity']:.1f} | {r['within_caption_distance']:.3f} | {r['min_within_caption_distance']:.3f} | "
                      f"{r['images_per_second']:.1f} | " + " | ".join(f"{r['per_class'][c]:.0f}" for c in classes) + " |")
+    if "attributes" in results:
+        a = results["attributes"]
+        lines += ["", f"Per-attribute fidelity: {a['captions']} real test captions of the attribute world drawn at guidance "
+                      f"{a['guidance']:g}; each attribute read back by a classifier trained on the real train split.", "",
+                  "| attribute | fidelity (%) | chance (%) | its classifier on real test (%) |", "|---|---:|---:|---:|"]
+        lines += [f"| {t} | {v['fidelity']:.1f} | {v['chance']:.1f} | {v['classifier_real_test_top1']:.1f} |" for t, v in a["tasks"].items()]
     return "\n".join(lines) + "\n"
