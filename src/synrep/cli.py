@@ -23,6 +23,7 @@ COMMANDS = {
     "report": "rebuild report.md and its figures from a run folder",
     "study": "the miniature replication: every method on the same budget, judged on real test images",
     "generator": "the embedded text-to-image model: `generator train` and `generator fidelity`",
+    "audit": "judge a shard folder: caption-image agreement, balance, memorization, diversity (audit.md + audit.json)",
 }
 
 EPILOG = """Every command takes an optional --config FILE (YAML) and any number of key=value overrides,
@@ -32,6 +33,7 @@ Examples:
   synrep generate captions=runs/captions/captions.jsonl out_dir=runs/shards guidance_scale=2.5
   synrep train data=runs/shards method=stablerep steps=300
   synrep eval encoder=runs/train/encoder dataset=fashion-mnist
+  synrep audit runs/shards out_dir=runs/audit
   synrep run --quick
 """
 
@@ -61,6 +63,9 @@ def _config_class(command: str, sub: str | None):
     if command == "generator" and sub == "fidelity":
         from .embedded_t2i.fidelity import FidelityConfig
         return FidelityConfig
+    if command == "audit":
+        from .audit.stage import AuditConfig
+        return AuditConfig
     raise ConfigError(f"no config for {command} {sub or ''}")
 
 
@@ -151,6 +156,8 @@ def _dispatch(args) -> int:
         return 0
     sub = getattr(args, "action", None)
     overrides = list(args.overrides)
+    if args.command == "audit" and overrides and "=" not in overrides[0]:  # `synrep audit <shard folder> ...`
+        overrides[0] = f"data={overrides[0]}"
     if args.command == "run" and args.quick:
         from .pipeline import QUICK_OVERRIDES
 
@@ -200,6 +207,10 @@ def _dispatch(args) -> int:
 
         results = run_fidelity(cfg)
         print(json.dumps({s: round(r["mean_fidelity"], 1) for s, r in results["scales"].items()}))
+    elif args.command == "audit":
+        from .audit.stage import headline, run_audit
+
+        print(headline(run_audit(cfg), cfg.out_dir))
     return 0
 
 
