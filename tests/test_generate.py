@@ -12,6 +12,8 @@ import torch
 import pytest
 
 from synrep.generate.generators import GeneratorSpecError
+from synrep.config import load_config
+from synrep.generate.curation import CurationConfig
 from synrep.generate.stage import GenerateConfig, regenerate_image, run_generate
 from synrep.shards import list_shards, read_shard
 
@@ -231,3 +233,29 @@ def test_background_encoding_writes_the_bytes_of_an_inline_writer(random_generat
     run_generate(GenerateConfig(out_dir=str(tmp_path / "inline"), writer_threads=0, **common))
     run_generate(GenerateConfig(out_dir=str(tmp_path / "threads"), writer_threads=3, **common))
     assert _digests(tmp_path / "threads") == _digests(tmp_path / "inline")
+
+
+@pytest.mark.parametrize("mode", ["drop", "redraw"])
+def test_curation_drops_or_redraws_images_below_the_agreement_threshold(random_generator_dir, captions_file, tmp_path, mode,
+                                                                       fashion_mnist_available):
+    if not fashion_mnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    common = dict(captions=str(captions_file), generator=f"embedded:{random_generator_dir}", limit_captions=6, steps=2, preview=False,
+                  curate=CurationConfig(mode=mode, threshold=0.3, redraws=2, classifier_train_size=3000, classifier_epochs=1,
+                                        cache_dir=str(tmp_path / "classifier")))
+    run_generate(GenerateConfig(out_dir=str(tmp_path / "a"), **common))
+    groups = [sample for shard in list_shards(tmp_path / "a") for sample in read_shard(shard)]
+    scores = [s for g in groups for s in g.meta["agreement"] if s is not None]
+    assert scores and all(g.meta["curation"] == {"mode": mode, "threshold": 0.3} for g in groups)
+    if mode == "drop":  # a random generator draws noise: most images fail and are left out, and the meta says which
+        kept = sum(len(g.images) for g in groups)
+        assert kept < 6 * 4 and all(len(g.images) == 4 - len(g.meta["dropped"]) for g in groups)
+        assert all(s >= 0.3 for g in groups for j, s in enumerate(g.meta["agreement"]) if j not in g.meta["dropped"] and s is not None)
+        summary = json.loads((tmp_path / "a" / "generate_summary.json").read_text())
+        assert summary["images_this_run"] == kept == summary["images"], "the counts are of the images kept"
+    else:
+        assert any(r > 0 for g in groups for r in g.meta["redraws"]) and all(len(g.images) == 4 for g in groups)
+    run_generate(GenerateConfig(out_dir=str(tmp_path / "b"), **common))
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b"), "curation is seeded: the same bytes again"
+    with pytest.raises(ValueError, match="curate.threshold"):
+        load_config(GenerateConfig, None, ["curate.mode=drop", "curate.threshold=1.5"])

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from ..plots import save_image_grid
 from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
 from ..atomic import atomic_write_json, remove_stale_temps
 from ..utils import set_threads, stable_seed
+from .curation import CurationConfig, Curator, redraw_noise, redraw_seed
 from .generators import GENERATORS, DrawSettings, GeneratorSpecError, make_generator
 
 LOG = logging.getLogger("synrep.generate")
@@ -72,6 +73,7 @@ class GenerateConfig:
     captions_per_shard: int = 100  # captions (groups) per tar shard
     batch_captions: int = 16  # captions per pipeline call (each with all its images)
     writer_threads: int = 2  # threads that encode images and write the tar while the generator draws (0 = inline)
+    curate: CurationConfig = field(default_factory=CurationConfig)  # drop or redraw images that do not show their caption's concept
     image_format: Literal["png", "jpg"] = "png"  # stored image format: png or jpg
     seed: int = 0  # run seed: image j of caption i uses stable_seed(seed, i, j)
     preview: bool = True  # write preview.png (captions x images) at the end
@@ -160,7 +162,50 @@ def _settings(cfg: GenerateConfig) -> DrawSettings:
     return DrawSettings(cfg.guidance_scale, cfg.steps, cfg.scheduler, cfg.negative_prompt, cfg.height, cfg.width)
 
 
-def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records: list[dict], path: Path, bar) -> int:
+def _curate(cfg: GenerateConfig, generator, settings: DrawSettings, curator: Curator, chunk: list[dict], images: np.ndarray,
+            provenance: list[dict], shape: tuple[int, ...]) -> list[tuple[np.ndarray, dict]]:
+    """Score a chunk's images ``[C * n, H, W, ch]``; drop or redraw the failing ones. Returns, per caption, the images
+    to keep and the provenance to add (scores, redraws, dropped image numbers)."""
+    n = cfg.images_per_caption
+    concepts = [rec.get("concept", "") for rec in chunk for _ in range(n)]
+    scores = curator.scores(images, concepts)
+    redraws = np.zeros(len(images), dtype=int)
+    if cfg.curate.mode == "redraw":
+        best_images, best_scores = images.copy(), scores.copy()
+        for attempt in range(1, cfg.curate.redraws + 1):
+            failing = np.flatnonzero(~curator.passes(best_scores))
+            if not len(failing):
+                break
+            noise = []
+            for i in failing:
+                rec, prov = chunk[i // n], provenance[i // n]
+                anchor = None
+                if cfg.views == "latent":
+                    anchor = torch.randn(shape, generator=torch.Generator().manual_seed(prov["anchor_seed"]))
+                noise.append(redraw_noise(shape, redraw_seed(cfg.seed, int(rec["id"]), int(i % n), attempt), anchor, cfg.sigma,
+                                          OFFSET_VARIANCE["gaussian"]))
+            drawn = resize_images(generator.draw([chunk[i // n]["caption"] for i in failing], torch.stack(noise), settings), cfg.store_size)
+            new_scores = curator.scores(drawn, [concepts[i] for i in failing])
+            better = np.isnan(best_scores[failing]) | (new_scores > best_scores[failing])
+            for k in np.flatnonzero(better):
+                best_images[failing[k]], best_scores[failing[k]], redraws[failing[k]] = drawn[k], new_scores[k], attempt
+        images, scores = best_images, best_scores
+    keep = curator.passes(scores) if cfg.curate.mode == "drop" else np.ones(len(images), bool)
+    out = []
+    for k in range(len(chunk)):
+        rows = np.arange(k * n, (k + 1) * n)
+        extra = {"agreement": [None if np.isnan(v) else round(float(v), 4) for v in scores[rows]],
+                 "curation": {"mode": cfg.curate.mode, "threshold": cfg.curate.threshold}}
+        if cfg.curate.mode == "redraw":
+            extra["redraws"] = [int(r) for r in redraws[rows]]
+        if cfg.curate.mode == "drop":
+            extra["dropped"] = [int(j) for j in range(n) if not keep[k * n + j]]
+        out.append((images[rows[keep[rows]]], extra))
+    return out
+
+
+def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records: list[dict], path: Path, bar,
+                 curator: Curator | None = None) -> int:
     """Draw ``records``' images batch by batch; PNG/JPEG encoding and tar writing run on background threads,
     in caption order, so the generator never waits for them (the bytes are those of an inline writer)."""
     shape = generator.noise_shape(settings)
@@ -168,6 +213,7 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
     encoders = ThreadPoolExecutor(max_workers=cfg.writer_threads) if cfg.writer_threads else None
     tar_writer = ThreadPoolExecutor(max_workers=1) if cfg.writer_threads else None  # one thread: members stay in order
     pending: list[Future] = []
+    written = 0
     with ShardWriter(path, cfg.image_format, extra_stats={"first_caption": records[0]["id"], "last_caption": records[-1]["id"]}) as writer:
         try:
             for start in range(0, len(records), cfg.batch_captions):
@@ -179,13 +225,18 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
                     provenance.append(prov)
                 images = generator.draw([rec["caption"] for rec in chunk], torch.cat(noises), settings, per_caption=n)
                 images = resize_images(images, cfg.store_size)
+                curated = _curate(cfg, generator, settings, curator, chunk, images, provenance, shape) if curator else \
+                    [(images[k * n:(k + 1) * n], {}) for k in range(len(chunk))]
                 for k, (rec, prov) in enumerate(zip(chunk, provenance)):
                     meta = {"caption": rec["caption"], "caption_id": int(rec["id"]), "concept": rec.get("concept", ""),
                             "template": rec.get("template"), "background": rec.get("background"), "relation": rec.get("relation"),
                             "caption_backend": rec.get("backend"), "generator": generator.name,
                             "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
-                            "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov}
-                    key, group = f"{int(rec['id']):09d}", images[k * n:(k + 1) * n]
+                            "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov, **curated[k][1]}
+                    key, group = f"{int(rec['id']):09d}", curated[k][0]
+                    written += len(group)
+                    if not len(group):  # curation dropped every image of this caption
+                        continue
                     if encoders is None:
                         writer.add(key, group, meta)
                         continue
@@ -201,7 +252,7 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
             for pool in (encoders, tar_writer):
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
-    return len(records) * n
+    return written
 
 
 def outputs(out_dir: str | Path) -> dict[str, Path]:
@@ -274,13 +325,14 @@ def run_generate(cfg: GenerateConfig) -> Path:
         generator = make_generator(cfg.generator, device, cfg.dtype, cfg.attention_slicing, cfg.vae_slicing, cfg.cpu_offload, cfg.scheduler)
         settings = _settings(cfg)
         generator.check(settings)
+        curator = Curator(cfg.curate, out, device) if cfg.curate.mode != "off" else None
         images = sum(stop - begin for _, begin, stop in todo) * cfg.images_per_caption
         with tqdm(total=images, desc=f"generate ({generator.name})", unit="img", disable=not info.is_main, dynamic_ncols=True) as bar:
             for n, (k, begin, stop) in enumerate(todo):
                 path = out / shard_name(k)
                 recs = first if n == 0 else list(iter_captions(captions, begin, stop))
                 try:
-                    images_made += _write_shard(cfg, generator, settings, recs, path, bar)
+                    images_made += _write_shard(cfg, generator, settings, recs, path, bar, curator)
                 except (GeneratorSpecError, KeyboardInterrupt):
                     raise
                 except (OSError, RuntimeError, ValueError) as err:
@@ -293,7 +345,10 @@ def run_generate(cfg: GenerateConfig) -> Path:
         raise GenerateError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
     if info.is_main:
         gen_name = generator.name if generator else cfg.generator
-        image_size = list(read_shard(list_shards(out)[0])[0].images.shape[1:])
+        image_size = next((list(sample.images.shape[1:]) for shard in list_shards(out) for sample in read_shard(shard)), None)
+        if image_size is None:
+            raise GenerateError(f"{out} holds no images: curation (curate.mode={cfg.curate.mode}, threshold "
+                                f"{cfg.curate.threshold}) dropped every one; lower curate.threshold or use curate.mode=redraw")
         index = write_index(out, {"generator": gen_name, "images_per_caption": cfg.images_per_caption,
                                   "image_format": cfg.image_format, "image_shape": image_size})
         idx = json.loads(index.read_text())
