@@ -88,7 +88,7 @@ BAD_INPUTS = [
     ("train steps=-1", "config key 'steps'"),
     ("train data={tmp}/none out_dir={tmp}/t", "shard folder {tmp}/none does not exist"),
     ("eval knn=3", "unknown config key 'knn'"),
-    ("eval encoder=pixels dataset=cifar-99 out_dir={tmp}/e", "unknown dataset 'cifar-99'"),
+    ("eval encoder=pixels dataset=cifar-99 out_dir={tmp}/e", "config key 'dataset': 'cifar-99' is not a known dataset"),
     ("eval encoder={tmp}/none out_dir={tmp}/e", "encoder '{tmp}/none' is not pixels"),
     ("run train.stepz=3", "unknown config key 'train.stepz'"),
     ("run --config {tmp}/binary.yaml", "binary.yaml is not UTF-8"),

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 import synrep.evaluation.features as features_mod
+import synrep.evaluation.probes as probes_mod
 import synrep.evaluation.stage as stage_mod
 from synrep.config import ConfigError, load_config
 from synrep.datasets import LabeledImages
-from synrep.evaluation.probes import ProbeError, Rows, few_shot, fit_logreg, knn_classify, knn_predict, linear_probe
+from synrep.evaluation.probes import (DEFAULT_CS, LogRegProblem, ProbeError, Rows, few_shot, fit_logreg, knn_classify,
+                                      knn_predict, knn_predict_many, linear_probe)
 from synrep.evaluation.stage import EvalConfig, evaluate
 from synrep.sources import SourceError
 from synrep.training.backbones import BackboneConfig
@@ -29,7 +31,9 @@ def test_linear_probe_recovers_separable_toy_problem():
     x, y = _toy()
     xt, yt = _toy(seed=1)
     r = linear_probe(x, y, xt, yt)
-    assert r["top1"] > 99 and r["C"] in (0.01, 0.1, 1.0) and set(r["val_top1"]) == {0.01, 0.1, 1.0}
+    assert r["top1"] > 99 and r["grid"] == sorted(DEFAULT_CS) and len(r["val_top1"]) == len(r["val_fits"]) == len(DEFAULT_CS)
+    assert r["C"] in r["grid"] and r["converged"] and r["not_converged"] == []
+    assert DEFAULT_CS[0] == pytest.approx(1e-5) and DEFAULT_CS[-1] == pytest.approx(1e6) and len(DEFAULT_CS) >= 12
 
 
 def test_knn_on_identical_train_and_test_is_perfect():
@@ -68,9 +72,16 @@ def test_eval_stage_pixels_and_random_on_tiny_dataset(tmp_path):
     r = evaluate(EvalConfig(encoder="pixels", out_dir=str(tmp_path / "p"), shots=[1, 5], num_workers=0), train=data, test=data)
     assert r["linear"]["top1"] == 100.0 and (tmp_path / "p" / "eval.json").exists() and "| pixels |" in (tmp_path / "p" / "eval.md").read_text()
     assert r["linear"]["converged"] and r["feature_dim"] == 64
-    r = evaluate(EvalConfig(encoder="random:cnn", out_dir=str(tmp_path / "r"), protocols=["knn"], num_workers=0,
+    # eval.json records the grid, validation top-1 and convergence per C, the choice, the refit and kNN per k.
+    saved = json.loads((tmp_path / "p" / "eval.json").read_text())["linear"]
+    assert saved["grid"] == sorted(DEFAULT_CS) and len(saved["val_top1"]) == len(saved["val_fits"]) == len(saved["grid"])
+    assert saved["C"] in saved["grid"] and saved["rows"] == {"selection": 96, "validation": 24, "refit": 120}
+    assert all(f["stop"] == "gradient" for f in saved["val_fits"]) and saved["fit"]["rows"] == 120
+    r = evaluate(EvalConfig(encoder="random:cnn", out_dir=str(tmp_path / "r"), protocols=["knn"], num_workers=0, knn_ks=[5, 200],
                             random_backbone=BackboneConfig(image_size=8)), train=data, test=data)
     assert r["feature_dim"] == 256 and "linear" not in r
+    assert r["knn"]["k"] == 20 and sorted(r["knn"]["top1_by_k"], key=int) == ["5", "20", "120"]
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["knn"]["top1_by_k"] == r["knn"]["top1_by_k"]
 
 
 def test_tampered_pickle_checkpoint_is_refused_without_loading(tmp_path):
@@ -120,14 +131,105 @@ def test_torch_logistic_regression_matches_sklearn(classes):
     # A warm start (another C, other rows, other standardisation) reaches the same solution.
     warm = fit_logreg(x, y, C=0.05, tol=1e-6, max_iter=2000, init=fit_logreg(x[:300] * 2 + 1, y[:300], C=1.0))
     np.testing.assert_allclose(warm.coef_, fit.coef_, rtol=1e-3, atol=1e-3)
+    # Fewer rows than dimensions (few-shot fits: no preconditioner) reach sklearn's solution too.
+    xw, yw = _overlapping(40, 60, classes, seed=classes + 20)
+    wide = fit_logreg(xw, yw, C=0.05, tol=1e-6)
+    ref = LogisticRegression(C=0.05, tol=1e-10, max_iter=10000).fit((xw - wide.mean) / wide.std, yw)
+    assert wide.converged and wide.passes < 100
+    np.testing.assert_allclose(wide.coef_, ref.coef_, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(wide.intercept_, ref.intercept_, rtol=1e-3, atol=1e-3)
 
 
-def test_linear_probe_reports_convergence_instead_of_hiding_it():
+def test_linear_probe_reports_convergence_instead_of_hiding_it(caplog):
     x, y = _overlapping(400, 10, 3, seed=5)
-    r = linear_probe(x, y, x, y, Cs=(1.0,), max_iter=2)
-    assert r["converged"] is False and r["iterations"] == 2 and r["val_fits"][1.0]["iterations"] == 2
-    r = linear_probe(x, y, x, y, Cs=(1.0,))
-    assert r["converged"] is True and r["fit"]["grad_max"] < 1e-4
+    with caplog.at_level(logging.WARNING, logger="synrep.eval"):
+        r = linear_probe(x, y, x, y, Cs=(0.01, 1.0), max_iter=2)
+    assert r["converged"] is False and r["iterations"] == 2 and [f["iterations"] for f in r["val_fits"]] == [2, 2]
+    # Every fit that stopped early is listed (both selection fits and the refit) and logged with its C.
+    assert [(f["fit"], f["C"], f["stop"]) for f in r["not_converged"]] == [
+        ("selection", 0.01, "max_iter"), ("selection", 1.0, "max_iter"), ("refit", r["C"], "max_iter")]
+    assert all(f["grad_max"] > 1e-4 and not f["converged"] for f in r["not_converged"])
+    assert caplog.text.count("did not converge") == 3 and "selection fit at C=0.01" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synrep.eval"):
+        r = linear_probe(x, y, x, y, Cs=(0.01, 1.0))
+    assert r["converged"] is True and r["not_converged"] == [] and "did not converge" not in caplog.text
+    assert r["fit"]["grad_max"] <= 1e-4 and all(f["stop"] == "gradient" and f["grad_max"] <= 1e-4 for f in r["val_fits"])
+    # A tighter tol is met too (the loss is summed in float64, so the line search still resolves the last steps).
+    tight = fit_logreg(x, y, C=1.0, tol=1e-7)
+    assert tight.converged and tight.grad_max <= 1e-7
+
+
+def _noisy_high_dim(n, seed):
+    """Two classes told apart by a weak signal in 5 dimensions, among 400 pure-noise dimensions."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 405)).astype(np.float32)
+    x[:, :5] += 0.5 * (2 * y - 1)[:, None]
+    return x, y
+
+
+def _hidden_direction(n, seed):
+    """Separable only along x0 - x1: the class means differ by a little, a shared noise is large."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    shared = rng.normal(size=n)
+    x = np.stack([shared + 0.1 * (2 * y - 1), shared, rng.normal(size=n)], 1).astype(np.float32)
+    return x, y
+
+
+def test_grid_selection_picks_the_best_validation_value():
+    grid = tuple(np.logspace(-5, 6, 12))
+    # Few rows, many noise dimensions: weak regularisation overfits the noise, strong regularisation wins.
+    # (600 rows fit, 1400 score: a validation top-1 precise enough to see it.)
+    x, y = _noisy_high_dim(2000, seed=0)
+    xt, yt = _noisy_high_dim(2000, seed=1)
+    noisy = linear_probe(x, y, xt, yt, Cs=grid, val_fraction=0.7)
+    val = noisy["val_top1"]
+    assert noisy["C"] == noisy["grid"][int(np.argmax(val))], "the first (smallest) C with the best validation top-1"
+    assert noisy["C"] <= 1e-2 and max(val) >= val[-1] + 5 and noisy["top1"] > 80
+    assert val[0] < 55, "the strongest regularisation leaves only the bias: the majority class"
+    # The discriminating direction is not the class-mean difference: only weak regularisation finds it.
+    x, y = _hidden_direction(600, seed=2)
+    xt, yt = _hidden_direction(2000, seed=3)
+    hidden = linear_probe(x, y, xt, yt, Cs=grid)
+    val = hidden["val_top1"]
+    assert hidden["C"] == hidden["grid"][int(np.argmax(val))] and hidden["C"] >= 1
+    assert val[0] < 70 and max(val) > 98 and hidden["top1"] > 98
+    # Ties go to the stronger regularisation: a problem every C solves perfectly picks the smallest.
+    x, y = _toy()
+    easy = linear_probe(x, y, x, y, Cs=(10.0, 0.1, 1.0))
+    assert easy["grid"] == [0.1, 1.0, 10.0] and easy["val_top1"] == [100.0] * 3 and easy["C"] == 0.1
+
+
+def test_grid_is_a_warm_started_path_and_the_refit_sees_train_plus_validation(monkeypatch):
+    x, y = _overlapping(500, 8, 3, seed=11)
+    problems, fits = [], []
+    real_init, real_fit = LogRegProblem.__init__, LogRegProblem.fit
+
+    def init(self, rows, labels, *a, **k):
+        problems.append(len(rows))
+        real_init(self, rows, labels, *a, **k)
+
+    def fit(self, C, *a, init=None, **k):
+        fits.append((self.n, C, None if init is None else init.C))
+        return real_fit(self, C, *a, init=init, **k)
+    monkeypatch.setattr(LogRegProblem, "__init__", init)
+    monkeypatch.setattr(LogRegProblem, "fit", fit)
+    r = linear_probe(x, y, x[:50], y[:50], Cs=(1.0, 0.01, 0.1), val_fraction=0.3, seed=4)
+    assert r["rows"] == {"selection": 350, "validation": 150, "refit": 500}
+    assert problems == [350, 500], "one problem for the whole grid, one for the refit on train + validation"
+    assert fits[:3] == [(350, 0.01, None), (350, 0.1, 0.01), (350, 1.0, 0.1)], "ascending C, each from the last"
+    assert fits[3] == (500, r["C"], r["C"]) and r["fit"]["rows"] == 500 and r["fit"]["C"] == r["C"]
+    # The refit is the fit on all rows at the chosen C (warm start or not).
+    monkeypatch.undo()
+    direct = fit_logreg(x, y, C=r["C"], tol=1e-6)
+    again = linear_probe(x, y, x, y, Cs=(1.0, 0.01, 0.1), val_fraction=0.3, seed=4, tol=1e-6)
+    assert again["C"] == r["C"] and again["top1"] == pytest.approx(direct.score(x, y), abs=0.21)
+    # The held-out rows are seeded and stratified.
+    a, b = probes_mod._stratified_split(y, 0.3, 4), probes_mod._stratified_split(y, 0.3, 4)
+    assert all((u == v).all() for u, v in zip(a, b)) and not (a[1] == probes_mod._stratified_split(y, 0.3, 5)[1]).all()
+    np.testing.assert_allclose(np.bincount(y[a[1]]) / len(a[1]), np.bincount(y) / len(y), atol=0.01)
 
 
 def test_chunked_knn_equals_direct_computation():
@@ -145,6 +247,26 @@ def test_chunked_knn_equals_direct_computation():
     assert knn_classify(x, y, xt, yt, k, temperature, batch=17, train_rows=3)["top1"] == pytest.approx(100 * (direct == yt).mean())
 
 
+def test_knn_at_many_k_from_one_search_equals_separate_searches(monkeypatch):
+    x, y = _overlapping(700, 16, 5, seed=12)
+    xt, yt = _overlapping(150, 16, 5, seed=13)
+    searches = []
+    real_top = probes_mod._knn_top
+    monkeypatch.setattr(probes_mod, "_knn_top", lambda *a: searches.append(a[3]) or real_top(*a))
+    many = knn_predict_many(x, y, xt, (100, 1, 20, 7), 0.07, batch=32, train_rows=64)
+    assert searches == [100], "one search, for the largest k"
+    assert sorted(many) == [1, 7, 20, 100]
+    for k, pred in many.items():
+        np.testing.assert_array_equal(pred, knn_predict(x, y, xt, k, 0.07, batch=50, train_rows=90))
+    r = knn_classify(x, y, xt, yt, k=20, ks=(10, 100, 1000))
+    assert r["k"] == 20 and sorted(r["top1_by_k"], key=int) == ["10", "20", "100", "700"], "k is capped at the train rows"
+    for k, top1 in r["top1_by_k"].items():
+        assert top1 == pytest.approx(knn_classify(x, y, xt, yt, k=int(k))["top1"])
+    assert r["top1"] == r["top1_by_k"]["20"] and len(set(r["top1_by_k"].values())) > 1
+    with pytest.raises(ProbeError, match="k >= 1"):
+        knn_predict_many(x, y, xt, (0, 5))
+
+
 # --- the stage: config, feature cache, image folders ------------------------------------------------------
 
 def test_eval_config_values_are_checked_with_the_key_named(tmp_path):
@@ -158,6 +280,15 @@ def test_eval_config_values_are_checked_with_the_key_named(tmp_path):
         load_config(EvalConfig, overrides=["protocols=linear,svm"])
     with pytest.raises(ConfigError, match="'num_workers': must be >= 0"):
         load_config(EvalConfig, overrides=["num_workers=-1"])
+    for override, key in [("Cs=0.1,-1", "Cs"), ("Cs=0.1,inf", "Cs"), ("val_fraction=0", "val_fraction"),
+                          ("val_fraction=1", "val_fraction"), ("linear_tol=0", "linear_tol"),
+                          ("linear_max_iter=0", "linear_max_iter"), ("knn_ks=10,0", "knn_ks"), ("knn_k=0", "knn_k")]:
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_config(EvalConfig, overrides=[override])
+    with pytest.raises(ConfigError, match="config key 'Cs'"):
+        evaluate(EvalConfig(Cs=[], out_dir=str(tmp_path)))
+    cfg = load_config(EvalConfig, overrides=["Cs=0.5,2", "knn_ks=5,50", "val_fraction=0.25"])
+    assert cfg.Cs == [0.5, 2.0] and cfg.knn_ks == [5, 50] and cfg.val_fraction == 0.25
     assert not any(tmp_path.iterdir()), "nothing is written for a bad config"
 
 
@@ -278,7 +409,7 @@ def test_probe_train_size_encodes_only_the_subset_or_reads_rows_of_a_whole_cache
     real_encode = features_mod.encode_batch
     monkeypatch.setattr(features_mod, "encode_batch", lambda *a: encoded.append(len(a[1])) or real_encode(*a))
     with pytest.raises(ProbeError, match="validation split"):
-        evaluate(_folder_cfg(root, tmp_path / "tiny", probe_train_size=6, protocols=["linear"]))
+        evaluate(_folder_cfg(root, tmp_path / "tiny", probe_train_size=4, protocols=["linear"]))
     encoded.clear()
     sub = evaluate(_folder_cfg(root, tmp_path / "s", probe_train_size=14))
     assert sub["train_images"] == 14 and sum(encoded) == 14 + 18, "only the subset of train is encoded"

@@ -5,9 +5,11 @@ chunks (from an ``np.memmap`` or any array), moves each chunk to the device (the
 and computes in float32 there; only per-row labels and small per-class or per-query state stay resident.
 
 The linear probe is sklearn's multinomial ``LogisticRegression`` objective, ``C * sum_i CE_i + 0.5 * ||W||^2``
-(bias unpenalised; binary problems use one logit, as sklearn does), minimised by full-batch L-BFGS with a
-strong-Wolfe line search; the loss and gradient are accumulated over row chunks. Features are standardised
-with a mean and std (population, + 1e-6) computed in one chunked pass over the training rows.
+(bias unpenalised; binary problems use one logit, as sklearn does), minimised by full-batch, preconditioned
+L-BFGS with a backtracking line search to sklearn's stopping test (max |gradient| <= tol); the loss and
+gradient are accumulated over row chunks. Features are standardised with a mean and std (population, + 1e-6)
+computed in one chunked pass over the training rows. ``C`` is chosen from a wide grid on a held-out part of
+train, then refit on all of train (SynCLR's transfer protocol; see :func:`linear_probe`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -169,6 +171,12 @@ class DeviceRows:
                 yield start, self._load(chunk)
 
 
+# sklearn C = 1 / weight decay for the reference's weight decays logspace(-6, 5, 45): 1e-05, 1.78e-05, ..., 1e+06
+DEFAULT_CS = tuple(float(f"{c:.3g}") for c in np.logspace(-5, 6, 45))
+PRECONDITION_ROWS = 1 << 15  # rows (evenly strided) whose second moments shape the L-BFGS preconditioner
+SOFTMAX_CURVATURE = 0.25  # rough curvature of the cross-entropy per logit, to weigh the penalty in the preconditioner
+
+
 @dataclass
 class LogRegFit:
     """A fitted multinomial logistic regression on standardised features (coef/intercept as in sklearn)."""
@@ -182,6 +190,10 @@ class LogRegFit:
     converged: bool
     grad_max: float
     loss: float
+    C: float = float("nan")
+    stop: str = ""  # "gradient" (converged), "max_iter", or "line_search" (no decrease found: float32 precision reached)
+    passes: int = 0  # loss-and-gradient passes over the rows
+    rows: int = 0  # training rows the fit saw
 
     @property
     def coef_(self) -> np.ndarray:
@@ -192,24 +204,206 @@ class LogRegFit:
         return self.bias.detach().cpu().numpy()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        z = x @ self.weight.t() + self.bias
+        z = torch.addmm(self.bias, x, self.weight.t())
         return torch.cat([torch.zeros_like(z), z], 1) if z.shape[1] == 1 else z
 
     @torch.no_grad()
-    def predict(self, x: np.ndarray | Rows, rows: int | None = None) -> np.ndarray:
-        x = as_rows(x)
-        data = DeviceRows(x, self.mean, self.std, self.weight.device, rows, resident_bytes=0)
-        out = np.empty(len(x), dtype=self.classes.dtype)
+    def predict(self, x: np.ndarray | Rows | DeviceRows, rows: int | None = None) -> np.ndarray:
+        """Predicted labels; ``x`` raw features, or a :class:`DeviceRows` standardised with this fit's mean and std."""
+        data = x if isinstance(x, DeviceRows) else DeviceRows(as_rows(x), self.mean, self.std, self.weight.device, rows,
+                                                              resident_bytes=0)
+        out = np.empty(len(data.x), dtype=self.classes.dtype)
         for start, chunk in data:
             out[start:start + len(chunk)] = self.classes[self.logits(chunk).argmax(1).cpu().numpy()]
         return out
 
-    def score(self, x: np.ndarray | Rows, y: np.ndarray) -> float:
+    def score(self, x: np.ndarray | Rows | DeviceRows, y: np.ndarray) -> float:
         """Top-1 accuracy in %."""
         return float((self.predict(x) == np.asarray(y)).mean() * 100)
 
     def summary(self) -> dict:
-        return {"iterations": self.iterations, "converged": self.converged, "grad_max": self.grad_max}
+        return {"C": self.C, "rows": self.rows, "iterations": self.iterations, "passes": self.passes,
+                "converged": self.converged, "stop": self.stop, "grad_max": self.grad_max, "loss": self.loss}
+
+
+class LogRegProblem:
+    """One logistic regression's rows, prepared once and fitted at any number of ``C`` values.
+
+    Holds the standardised rows on the device (resident when they fit, else reread per pass), the targets,
+    and the spectrum of the rows' second moments, which preconditions L-BFGS: the fit runs in coordinates
+    ``V = W P^-1`` with ``P = (S + 1 / (c C n))^(-1/2)`` (``S`` the standardised features' second-moment
+    matrix, ``c`` :data:`SOFTMAX_CURVATURE`), where the objective's Hessian is close to a multiple of the
+    identity however correlated the features are. Any invertible ``P`` leaves the minimiser unchanged (the
+    objective is strictly convex); this one cuts the iterations several-fold on correlated features. With
+    fewer rows than dimensions (few-shot) ``P`` is the identity. The stopping test is on the gradient with
+    respect to ``W`` itself, as sklearn's.
+    """
+
+    def __init__(self, x: np.ndarray | Rows, y: np.ndarray, device: str | torch.device | None = "cpu",
+                 rows: int | None = None, resident_bytes: int | None = None):
+        x, y = as_rows(x), np.asarray(y)
+        self.device = resolve_device(device)
+        self.classes = np.unique(y)
+        if len(self.classes) < 2:
+            raise ProbeError(f"logistic regression needs at least two classes; got {self.classes.tolist()}")
+        if len(x) != len(y):
+            raise ProbeError("each feature row needs exactly one label")
+        self.n, self.dim = x.shape
+        self.k = 1 if len(self.classes) == 2 else len(self.classes)
+        self.mean, self.std = feature_stats(x, rows)
+        self.data = DeviceRows(x, self.mean, self.std, self.device, rows, resident_bytes)
+        self.target = torch.as_tensor(np.searchsorted(self.classes, y), dtype=torch.int64, device=self.device)
+        self.passes = 0
+        self._spectrum: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def standardised(self, x: np.ndarray | Rows) -> DeviceRows:
+        """Other rows (validation) standardised as these, on the device; resident when they fit in a quarter of
+        what the training rows may take (on the CPU), so that scoring many fits reads them once."""
+        return DeviceRows(as_rows(x), self.mean, self.std, self.device,
+                          resident_bytes=CPU_RESIDENT_BYTES // 4 if self.device.type == "cpu" else None)
+
+    def loss_grad(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over the rows and its gradients w.r.t. ``weight`` [K, D] and ``bias`` [K]: one pass."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        for start, chunk in self.data:
+            z = torch.addmm(bias, chunk, weight.t())
+            if self.k == 1:  # two classes: one logit, the other fixed at 0 (sklearn's binary parametrisation)
+                z = torch.cat([torch.zeros_like(z), z], 1)
+            target = self.target[start:start + len(chunk)]
+            # The loss in float64 from the float32 logits: near the optimum the line search compares losses that
+            # differ by less than float32 resolves (1e-7 of the loss), while the logits' own error is far smaller.
+            z64 = z.double()
+            lse = torch.logsumexp(z64, 1)
+            total += (lse - z64.gather(1, target[:, None])[:, 0]).sum()
+            p = z.sub_(lse.float()[:, None]).exp_()  # softmax; d(CE)/dz = p - onehot
+            p.scatter_add_(1, target[:, None], torch.full_like(p[:, :1], -1.0))
+            if self.k == 1:
+                p = p[:, 1:]
+            grad_w.addmm_(p.t(), chunk)
+            grad_b += p.sum(0)
+        self.passes += 1
+        return float(total) / self.n, grad_w.div_(self.n), grad_b.div_(self.n)
+
+    def _eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._spectrum is None:
+            step = max(1, -(-self.n // PRECONDITION_ROWS))
+            gram = torch.zeros(self.dim, self.dim, device=self.device)
+            count = 0
+            for _, chunk in self.data:
+                sub = chunk[::step]
+                gram.addmm_(sub.t(), sub)
+                count += len(sub)
+            self.passes += 1
+            s, u = torch.linalg.eigh(gram.double().cpu() / count)
+            self._spectrum = (s.clamp_min(0).float().to(self.device), u.float().to(self.device))
+        return self._spectrum
+
+    def _preconditioner(self, C: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``P`` and ``P^-1`` for this C; None (the identity) with fewer rows than dimensions (few-shot), where
+        the rows span few directions and a D x D eigendecomposition would cost more than the whole fit."""
+        if self.n < self.dim:
+            return None
+        s, u = self._eigen()
+        shifted = (s + 1.0 / (SOFTMAX_CURVATURE * C * self.n)).clamp_min(1e-6 * max(float(s.max()), 1e-12))
+        scale = shifted.rsqrt()
+        return (u * scale) @ u.t(), (u / scale) @ u.t()
+
+    @torch.no_grad()
+    def fit(self, C: float, tol: float = 1e-4, max_iter: int = 1000, history_size: int = 50,
+            init: LogRegFit | None = None) -> LogRegFit:
+        """Minimise ``mean_i CE_i + ||W||^2 / (2 C n)`` from zero or from ``init`` (see :func:`fit_logreg`)."""
+        if not C > 0:
+            raise ProbeError(f"C must be > 0, got {C}")
+        weight = torch.zeros(self.k, self.dim, device=self.device)
+        bias = torch.zeros(self.k, device=self.device)
+        if init is not None and np.array_equal(init.classes, self.classes) and init.weight.shape == weight.shape:
+            # The same linear function of the raw features, expressed in this problem's standardisation.
+            raw_w = init.coef_ / init.std
+            raw_b = init.intercept_ - raw_w @ init.mean
+            weight += torch.as_tensor(raw_w * self.std, dtype=torch.float32, device=self.device)
+            bias += torch.as_tensor(raw_b + raw_w @ self.mean, dtype=torch.float32, device=self.device)
+        passes = self.passes
+        penalty = 1.0 / (C * self.n)
+        size = self.k * self.dim
+        with cpu_threads_for(self.n * self.dim, self.device):
+            precond = self._preconditioner(C)
+            to_w = (lambda v: v @ precond[0]) if precond else (lambda v: v.clone())  # V -> W; dL/dW -> dL/dV likewise
+
+            def evaluate(theta: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+                w = to_w(theta[:size].view(self.k, self.dim))
+                loss, grad_w, grad_b = self.loss_grad(w, theta[size:])
+                grad_w.add_(w, alpha=penalty)
+                loss += 0.5 * penalty * float(w.pow(2).sum(dtype=torch.float64))
+                grad_max = float(torch.maximum(grad_w.abs().max(), grad_b.abs().max()))
+                return loss, torch.cat([to_w(grad_w).flatten(), grad_b]), grad_max
+
+            theta = torch.cat([(weight @ precond[1] if precond else weight).flatten(), bias])
+            theta, iterations, stop, loss, grad_max = _lbfgs(evaluate, theta, tol, max_iter, history_size)
+            weight = to_w(theta[:size].view(self.k, self.dim))
+        return LogRegFit(weight, theta[size:].clone(), self.mean, self.std, self.classes, iterations, stop == "gradient",
+                         grad_max, loss, float(C), stop, self.passes - passes, self.n)
+
+
+def _lbfgs(evaluate, theta: torch.Tensor, tol: float, max_iter: int, history_size: int,
+           armijo: float = 1e-4, max_backtracks: int = 20, loss_noise: float = 1e-7) -> tuple[torch.Tensor, int, str, float, float]:
+    """L-BFGS (two-loop recursion) with a backtracking line search, for a smooth convex objective.
+
+    ``evaluate(theta)`` returns ``(loss, gradient, grad_max)``; the search stops when ``grad_max <= tol``
+    (``stop = "gradient"``), after ``max_iter`` iterations (``"max_iter"``), or when no step along the
+    search direction is accepted (``"line_search"``). A step is accepted when the loss falls by Armijo's
+    sufficient decrease, or (Hager and Zhang's approximate Wolfe test, for steps whose loss change is
+    below what the float32 logits resolve, ``loss_noise`` of the loss) when the directional derivative at
+    the step shows the same decrease on a quadratic model. Returns ``(theta, iterations, stop, loss, grad_max)``
+    at the last accepted point.
+    """
+    loss, grad, grad_max = evaluate(theta)
+    steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), oldest first
+    for iteration in range(max_iter + 1):
+        if grad_max <= tol:
+            return theta, iteration, "gradient", loss, grad_max
+        if iteration == max_iter:
+            return theta, iteration, "max_iter", loss, grad_max
+        direction = grad.neg()
+        alphas = []
+        for s, y, rho in reversed(steps):
+            alpha = rho * float(s @ direction)
+            direction.add_(y, alpha=-alpha)
+            alphas.append(alpha)
+        if steps:
+            s, y, rho = steps[-1]
+            direction.mul_(1.0 / (rho * float(y @ y)))  # initial inverse Hessian s.y / y.y
+        for (s, y, rho), alpha in zip(steps, reversed(alphas)):
+            direction.add_(s, alpha=alpha - rho * float(y @ direction))
+        slope = float(grad @ direction)
+        if not slope < 0:  # not a descent direction (curvature lost to rounding): restart from steepest descent
+            steps.clear()
+            direction, slope = grad.neg(), -float(grad @ grad)
+        t = 1.0 if steps else min(1.0, 1.0 / float(grad.abs().sum()))
+        for _ in range(max_backtracks):
+            candidate = theta + t * direction
+            new_loss, new_grad, new_grad_max = evaluate(candidate)
+            new_slope = float(new_grad @ direction)
+            if new_loss <= loss + armijo * t * slope:
+                break
+            if new_loss <= loss + loss_noise * abs(loss) and new_slope <= (2 * armijo - 1) * slope:
+                break  # approximate Wolfe: on a quadratic, this derivative means Armijo's decrease
+            if np.isfinite(new_loss) and new_slope > 0:  # past the minimum along the line: the secant's zero
+                guess = t * slope / (slope - new_slope)
+            else:
+                denominator = 2.0 * (new_loss - loss - slope * t)  # the quadratic through loss, slope, new_loss
+                guess = -slope * t * t / denominator if np.isfinite(new_loss) and denominator > 0 else 0.5 * t
+            t = min(0.5 * t, max(0.1 * t, guess))
+        else:
+            return theta, iteration, "line_search", loss, grad_max
+        s, y = candidate - theta, new_grad - grad
+        ys = float(y @ s)
+        if ys > 1e-10 * float(y @ y):
+            steps.append((s, y, 1.0 / ys))
+            if len(steps) > history_size:
+                steps.pop(0)
+        theta, loss, grad, grad_max = candidate, new_loss, new_grad, new_grad_max
+    raise AssertionError("unreachable")
 
 
 def fit_logreg(x: np.ndarray | Rows, y: np.ndarray, C: float, device: str | torch.device | None = "cpu",
@@ -217,58 +411,14 @@ def fit_logreg(x: np.ndarray | Rows, y: np.ndarray, C: float, device: str | torc
                resident_bytes: int | None = None, init: LogRegFit | None = None) -> LogRegFit:
     """Minimise ``mean_i CE_i + ||W||^2 / (2 C n)`` (sklearn's lbfgs objective, scaled by 1/(C n)) on standardised ``x``.
 
-    Stops when the largest gradient entry is below ``tol`` (sklearn's ``tol`` for lbfgs), when the loss stops
-    changing, or after ``max_iter`` L-BFGS iterations (then ``converged`` is False). ``init`` (a fit with the
-    same classes, e.g. at another C or on a part of these rows) is a warm start: the objective is strictly
-    convex, so it changes the iterations taken, not the solution.
+    Converged (``stop == "gradient"``) when the largest entry of the gradient with respect to ``W`` and the
+    bias is at most ``tol`` (sklearn's ``tol`` for lbfgs); otherwise ``converged`` is False and ``stop`` says
+    why (``max_iter`` L-BFGS iterations, or the line search found no decrease). ``init`` (a fit with the same
+    classes, e.g. at another C or on a part of these rows) is a warm start: the objective is strictly convex,
+    so it changes the iterations taken, not the solution. To fit the same rows at several C, build one
+    :class:`LogRegProblem` and call its ``fit``.
     """
-    x, y = as_rows(x), np.asarray(y)
-    device = resolve_device(device)
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise ProbeError(f"logistic regression needs at least two classes; got {classes.tolist()}")
-    if len(x) != len(y):
-        raise ProbeError("each feature row needs exactly one label")
-    mean, std = feature_stats(x, rows)
-    data = DeviceRows(x, mean, std, device, rows, resident_bytes)
-    target = torch.as_tensor(np.searchsorted(classes, y), dtype=torch.int64, device=device)
-    n, dim = x.shape
-    k = 1 if len(classes) == 2 else len(classes)
-    weight = torch.zeros(k, dim, device=device)
-    bias = torch.zeros(k, device=device)
-    if init is not None and np.array_equal(init.classes, classes) and init.weight.shape == weight.shape:
-        # The same linear function of the raw features, expressed in this fit's standardisation.
-        raw_w = init.coef_ / init.std
-        raw_b = init.intercept_ - raw_w @ init.mean
-        weight += torch.as_tensor(raw_w * std, dtype=torch.float32, device=device)
-        bias += torch.as_tensor(raw_b + raw_w @ mean, dtype=torch.float32, device=device)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    penalty = 0.5 / (C * n)
-    fit = LogRegFit(weight, bias, mean, std, classes, 0, False, float("nan"), float("nan"))
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=max_iter * 10, tolerance_grad=tol,
-                                  tolerance_change=1e-12, history_size=history_size, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=False)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for start, chunk in data:
-            loss = torch.nn.functional.cross_entropy(fit.logits(chunk), target[start:start + len(chunk)], reduction="sum") / n
-            loss.backward()
-            total += loss.detach().double()
-        reg = penalty * weight.pow(2).sum()
-        reg.backward()
-        return total + reg.detach().double()
-
-    with cpu_threads_for(n * dim, device):
-        optimizer.step(closure)
-        loss = float(closure())  # the gradient at the final point, for the report
-    iterations = int(optimizer.state[weight].get("n_iter", 0))
-    grad_max = float(max(weight.grad.abs().max(), bias.grad.abs().max()))
-    weight.requires_grad_(False)
-    bias.requires_grad_(False)
-    fit.iterations, fit.converged, fit.grad_max, fit.loss = iterations, iterations < max_iter, grad_max, loss
-    return fit
+    return LogRegProblem(x, y, device, rows, resident_bytes).fit(C, tol, max_iter, history_size, init)
 
 
 def _stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,52 +433,76 @@ def _stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.nd
 
 
 def linear_probe(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, test_y: np.ndarray,
-                 Cs: tuple[float, ...] = (0.01, 0.1, 1.0), val_fraction: float = 0.15, seed: int = 0,
-                 max_iter: int = 1000, tol: float = 1e-4, device: str | torch.device | None = "cpu") -> dict:
-    """Multinomial logistic regression (L-BFGS) on standardised features.
+                 Cs: tuple[float, ...] = DEFAULT_CS, val_fraction: float = 0.2, seed: int = 0,
+                 max_iter: int = 1000, tol: float = 1e-4, device: str | torch.device | None = "cpu",
+                 history_size: int = 50) -> dict:
+    """Multinomial logistic regression (L-BFGS) on standardised features, ``C`` chosen on held-out train rows.
 
-    ``C`` is chosen on a validation split carved from train (stratified, ``val_fraction``), then the
-    probe is refit on all of train and scored once on test. Returns top-1 (%), the choices made and
-    how each fit converged.
+    As the SynCLR/StableRep reference (``main_downstream_linear.py``): a stratified, seeded ``val_fraction``
+    of the training rows is held out; the probe is fitted on the rest at every ``C`` of the grid (ascending,
+    each fit warm-started from the previous one, each to convergence), scored on the held-out rows, and the
+    best ``C`` (ties: the smallest, i.e. the strongest regularisation) is refit on all training rows
+    (train + validation, standardised with their own statistics) and scored once on test.
+
+    Returns test top-1 (%), the chosen ``C``, the grid with validation top-1 and the convergence of every fit
+    (lists aligned with ``grid``), the refit's convergence, and every fit that did not converge. Each such
+    fit is also logged as a warning.
     """
     train_x, test_x = as_rows(train_x), as_rows(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     _check(train_x, train_y, test_x, test_y)
+    grid = sorted({float(c) for c in Cs})
+    if not grid or not all(np.isfinite(c) and c > 0 for c in grid):
+        raise ProbeError(f"Cs: give one or more finite inverse regularisation strengths > 0, got {list(Cs)}")
+    if not 0 < val_fraction < 1:
+        raise ProbeError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tr_idx, va_idx = _stratified_split(train_y, val_fraction, seed)
-    val_scores, val_fits, fits = {}, {}, {}
-    previous = None
-    for C in sorted(Cs):  # each fit warm-starts from the previous C's solution (a regularisation path)
-        fit = previous = fit_logreg(train_x.take(tr_idx), train_y[tr_idx], C, device, tol, max_iter, init=previous)
-        fits[C] = fit
-        val_scores[C] = fit.score(train_x.take(va_idx), train_y[va_idx])
-        val_fits[C] = fit.summary()
-    val_scores, val_fits = {C: val_scores[C] for C in Cs}, {C: val_fits[C] for C in Cs}
-    best = max(Cs, key=lambda c: (val_scores[c], -c))
-    fit = fit_logreg(train_x, train_y, best, device, tol, max_iter, init=fits[best])
+    problem = LogRegProblem(train_x.take(tr_idx), train_y[tr_idx], device)
+    val_rows, val_y = problem.standardised(train_x.take(va_idx)), train_y[va_idx]
+    val_top1, val_fits, fits, previous = [], [], [], None
+    for C in grid:  # a regularisation path: each fit starts from the previous C's solution
+        previous = problem.fit(C, tol, max_iter, history_size, init=previous)
+        fits.append(previous)
+        val_top1.append(previous.score(val_rows, val_y))
+        val_fits.append(previous.summary())
+    best = int(np.argmax(val_top1))  # the first maximum: the smallest C among ties
+    chosen = fits[best]
+    del problem, val_rows, fits
+    fit = LogRegProblem(train_x, train_y, device).fit(grid[best], tol, max_iter, history_size, init=chosen)
     top1 = fit.score(test_x, test_y)
-    converged = fit.converged and all(f["converged"] for f in val_fits.values())
-    if not converged:
-        LOG.warning("linear probe: L-BFGS stopped at max_iter=%d before the gradient fell below tol=%g (C=%g: %d iterations, "
-                    "max |grad| %.2g); raise max_iter for a converged probe", max_iter, tol, best, fit.iterations, fit.grad_max)
-    return {"top1": top1, "C": best, "val_top1": val_scores, "converged": converged, "iterations": fit.iterations,
-            "fit": fit.summary(), "val_fits": val_fits, "tol": tol, "max_iter": max_iter}
+    not_converged = [dict(f, fit="selection") for f in val_fits if not f["converged"]]
+    if not fit.converged:
+        not_converged.append(dict(fit.summary(), fit="refit"))
+    for f in not_converged:
+        LOG.warning("linear probe: the %s fit at C=%g did not converge (%s after %d iterations: max |grad| %.2g > tol %g); "
+                    "raise max_iter or tol", f["fit"], f["C"], f["stop"], f["iterations"], f["grad_max"], tol)
+    return {"top1": top1, "C": grid[best], "val_top1_best": val_top1[best], "grid": grid, "val_top1": val_top1,
+            "val_fits": val_fits, "fit": fit.summary(), "converged": not not_converged, "not_converged": not_converged,
+            "iterations": fit.iterations, "passes": sum(f["passes"] for f in val_fits) + fit.passes,
+            "rows": {"selection": len(tr_idx), "validation": len(va_idx), "refit": len(train_x)},
+            "val_fraction": val_fraction, "seed": seed, "tol": tol, "max_iter": max_iter}
 
 
 @torch.no_grad()
-def knn_predict(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, k: int = 20,
-                temperature: float = 0.07, batch: int = 1024, device: str | torch.device | None = "cpu",
-                train_rows: int | None = None, resident_bytes: int | None = None, num_classes: int | None = None) -> np.ndarray:
-    """Weighted kNN on cosine similarity: each of the k neighbours votes exp(sim / T) for its label; predicted labels.
+def knn_predict_many(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, ks: Sequence[int] = (20,),
+                     temperature: float = 0.07, batch: int = 1024, device: str | torch.device | None = "cpu",
+                     train_rows: int | None = None, resident_bytes: int | None = None,
+                     num_classes: int | None = None) -> dict[int, np.ndarray]:
+    """Weighted kNN on cosine similarity at every k of ``ks``: predicted labels per k (k capped at the train rows).
 
+    Each of the k nearest train rows votes exp(sim / T) for its label (DINO's weighted kNN). One search
+    finds the ``max(ks)`` nearest rows, sorted by similarity; every k votes with the first k of them.
     Train rows stream once in chunks of ``train_rows``; for each chunk every block of ``batch`` test rows
-    merges the chunk's top-k into its running top-k (``[N_test, k]`` similarities and labels are all that
-    is kept). Test rows stay on the device when they fit in ``resident_bytes``, else are reread per chunk.
+    merges the chunk's top-k into its running top-k (``[N_test, max(ks)]`` similarities and labels are all
+    that is kept). Test rows stay on the device when they fit in ``resident_bytes``, else are reread per chunk.
     """
     train_x, test_x = as_rows(train_x), as_rows(test_x)
     train_y = np.asarray(train_y)
+    if not len(ks) or min(ks) < 1:
+        raise ProbeError(f"kNN needs one or more k >= 1, got {list(ks)}")
     device = resolve_device(device)
     num_classes = num_classes or int(train_y.max()) + 1
-    k = min(k, len(train_x))
+    ks = sorted({min(int(k), len(train_x)) for k in ks})
     dim = train_x.shape[1]
     train_rows = train_rows or max(256, min(chunk_rows(dim), SIMILARITY_BYTES // (4 * batch)))
     if resident_bytes is None:
@@ -339,46 +513,77 @@ def knn_predict(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndar
         t = torch.from_numpy(np.ascontiguousarray(chunk)).to(device).float()
         return t.div_(t.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # F.normalize, in place
 
-    predictions = np.empty(len(test_x), dtype=np.int64)
+    predictions = {k: np.empty(len(test_x), dtype=np.int64) for k in ks}
     with cpu_threads_for((len(train_x) + len(test_x)) * dim, device):
-        best_sims, best_labels = _knn_top(train_x, test_x, labels, k, batch, train_rows, normalised,
+        best_sims, best_labels = _knn_top(train_x, test_x, labels, ks[-1], batch, train_rows, normalised,
                                           len(test_x) * dim * 4 <= resident_bytes, device)
         for start in range(0, len(test_x), batch):
             rows = slice(start, start + batch)
-            votes = torch.zeros(len(best_sims[rows]), num_classes, device=device)
-            votes.scatter_add_(1, best_labels[rows], (best_sims[rows] / temperature).exp())
-            predictions[rows] = votes.argmax(1).cpu().numpy()
+            weights = (best_sims[rows] / temperature).exp_()
+            for k in ks:
+                votes = torch.zeros(len(weights), num_classes, device=device)
+                votes.scatter_add_(1, best_labels[rows, :k], weights[:, :k])
+                predictions[k][rows] = votes.argmax(1).cpu().numpy()
     return predictions
+
+
+def knn_predict(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, k: int = 20,
+                temperature: float = 0.07, batch: int = 1024, device: str | torch.device | None = "cpu",
+                train_rows: int | None = None, resident_bytes: int | None = None, num_classes: int | None = None) -> np.ndarray:
+    """Predicted labels of the weighted kNN at one k (:func:`knn_predict_many`)."""
+    return knn_predict_many(train_x, train_y, test_x, (k,), temperature, batch, device, train_rows, resident_bytes,
+                            num_classes)[min(k, len(as_rows(train_x)))]
 
 
 def _knn_top(train_x: Rows, test_x: Rows, labels: torch.Tensor, k: int, batch: int, train_rows: int, normalised,
              resident: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k ``[N_test, k]`` similarities and neighbour labels over train chunks x test blocks."""
+    """Running top-k ``[N_test, k]`` similarities (sorted, best first) and neighbour labels over train chunks x test blocks.
+
+    A chunk can only contribute rows more similar than a test row's current k-th best, so once the running
+    top-k is full only as many candidates as the most any test row of the block has above its k-th best are
+    selected from the chunk (a large k then costs little more than a small one).
+    """
     test_blocks = [normalised(c) for _, c in test_x.chunks(batch)] if resident else None
     best_sims = torch.full((len(test_x), k), -float("inf"), device=device)
     best_labels = torch.zeros((len(test_x), k), dtype=torch.int64, device=device)
+    seen = 0
     for start, chunk in train_x.chunks(train_rows):
         tr = normalised(chunk)
         chunk_labels = labels[start:start + len(tr)]
         blocks = test_blocks if resident else (normalised(c) for _, c in test_x.chunks(batch))
         for b, te in enumerate(blocks):
             rows = slice(b * batch, b * batch + len(te))
-            sims, idx = (te @ tr.t()).topk(min(k, len(tr)), dim=1)
+            block = te @ tr.t()
+            take = min(k, len(tr))
+            if seen >= k:  # the running top-k is full: its last column is each row's k-th best
+                take = min(take, int((block > best_sims[rows, -1:]).sum(1, dtype=torch.int32).max()))
+                if take == 0:
+                    continue
+            sims, idx = block.topk(take, dim=1)
             top, pos = torch.cat([best_sims[rows], sims], 1).topk(k, dim=1)
             best_labels[rows] = torch.cat([best_labels[rows], chunk_labels[idx]], 1).gather(1, pos)
             best_sims[rows] = top
+        seen += len(tr)
     return best_sims, best_labels
 
 
 def knn_classify(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, test_y: np.ndarray, k: int = 20,
-                 temperature: float = 0.07, batch: int = 1024, device: str | torch.device | None = "cpu", **chunking) -> dict:
-    """Top-1 (%) of :func:`knn_predict` on ``test_y``."""
+                 temperature: float = 0.07, batch: int = 1024, device: str | torch.device | None = "cpu",
+                 ks: Sequence[int] = (), **chunking) -> dict:
+    """Top-1 (%) of the weighted kNN on ``test_y`` at ``k`` (the headline) and at every k of ``ks``, from one search.
+
+    Returns ``top1`` and ``k`` (the headline; k capped at the number of train rows), ``top1_by_k``
+    (``{"10": ..., "20": ...}``, every k searched, capped likewise) and ``temperature``.
+    """
     train_x, test_x = as_rows(train_x), as_rows(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     _check(train_x, train_y, test_x, test_y)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    pred = knn_predict(train_x, train_y, test_x, k, temperature, batch, device, num_classes=num_classes, **chunking)
-    return {"top1": float(100.0 * (pred == test_y).mean()), "k": min(k, len(train_x)), "temperature": temperature}
+    preds = knn_predict_many(train_x, train_y, test_x, (k, *ks), temperature, batch, device, num_classes=num_classes, **chunking)
+    by_k = {kk: float(100.0 * (pred == test_y).mean()) for kk, pred in preds.items()}
+    headline = min(k, len(train_x))
+    return {"top1": by_k[headline], "k": headline, "top1_by_k": {str(kk): v for kk, v in by_k.items()},
+            "temperature": temperature}
 
 
 def few_shot(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray | Rows, test_y: np.ndarray,
@@ -411,6 +616,9 @@ def few_shot(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.ndarray
             accs.append(fit.score(test_x, test_y))
             iterations.append(fit.iterations)
             converged = converged and fit.converged
+            if not fit.converged:
+                LOG.warning("few-shot %d, draw %d: the fit at C=%g did not converge (%s after %d iterations: max |grad| %.2g "
+                            "> tol %g)", n, d, C, fit.stop, fit.iterations, fit.grad_max, tol)
         results[str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "draws": accs,
                            "support_hash": [hash(tuple(s)) & 0xFFFFFFFF for s in draws_used],
                            "iterations": iterations, "converged": converged}

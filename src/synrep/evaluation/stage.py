@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,12 @@ from typing import Literal
 import torch
 
 from ..config import check_config, require, save_config
-from ..datasets import LabeledImages
+from ..datasets import DATASETS, LabeledImages
 from ..sources import SOURCES, ArraySource, Source, open_real
 from ..training.backbones import BackboneConfig
 from ..utils import bound_heap_growth, atomic_write_json, atomic_write_text, set_threads
 from .features import FeatureCacheError, dataset_identity, resolve_encoder, split_features
-from .probes import Rows, few_shot, knn_classify, linear_probe, resolve_device
+from .probes import DEFAULT_CS, Rows, few_shot, knn_classify, linear_probe, resolve_device
 
 LOG = logging.getLogger("synrep.eval")
 PROTOCOLS = ("linear", "knn", "fewshot")
@@ -42,8 +43,12 @@ class EvalConfig:
     test_split: str = "test"  # ImageNet-style folders: val
     protocols: list[Protocol] = field(default_factory=lambda: ["linear", "knn", "fewshot"])
     probe_train_size: int = 0  # 0 = the whole train split; else a stratified subset of this size
-    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # linear probe: C chosen on a stratified 15% of train
-    knn_k: int = 20
+    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))  # linear probe: sklearn C values tried (default: the reference's 45, 1e-5..1e6)
+    val_fraction: float = 0.2  # linear probe: seeded, stratified share of train held out to choose C; then refit on all of train
+    linear_tol: float = 1e-4  # linear probe and few-shot: a fit converges when max |gradient| <= this (sklearn's lbfgs tol)
+    linear_max_iter: int = 1000  # linear probe and few-shot: L-BFGS iterations per fit; a fit stopped here is reported as not converged
+    knn_k: int = 20  # kNN: the headline k
+    knn_ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # kNN: further k also reported (one search for the largest)
     knn_temperature: float = 0.07  # each neighbour votes exp(cosine / T)
     shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # few-shot: labelled images per class
     draws: int = 5  # few-shot: seeded draws per shot count
@@ -63,12 +68,20 @@ class EvalConfig:
         for key in ("train_split", "test_split"):
             value = getattr(self, key)
             require(bool(value) and "/" not in value, key, f"{value!r} is not a split folder name (e.g. train, test, val)")
+        prefix = self.dataset.partition(":")[0]
+        problem = None if prefix in SOURCES else DATASETS.problem(self.dataset)  # wds:/imagefolder: stream; the rest load
+        require(problem is None, "dataset", f"{problem}; or a streamed source: {', '.join(f'{p}:<folder>' for p in SOURCES)}")
         require(self.train_split != self.test_split, "test_split",
                 f"{self.test_split!r} must differ from train_split (the probe would be scored on its own training images)")
-        require(bool(self.Cs) and all(c > 0 for c in self.Cs), "Cs", f"{self.Cs!r}: give one or more inverse regularisation strengths > 0")
+        require(bool(self.Cs) and all(math.isfinite(c) and c > 0 for c in self.Cs), "Cs",
+                f"{self.Cs!r}: give one or more finite inverse regularisation strengths > 0 (sklearn's C)")
+        require(0 < self.val_fraction < 1, "val_fraction",
+                f"must be in (0, 1) (the share of train held out to choose C), got {self.val_fraction}")
+        require(math.isfinite(self.linear_tol) and self.linear_tol > 0, "linear_tol", f"must be > 0, got {self.linear_tol}")
+        require(all(k >= 1 for k in self.knn_ks), "knn_ks", f"{self.knn_ks!r}: every k must be >= 1")
         require(self.knn_temperature > 0, "knn_temperature", f"must be > 0, got {self.knn_temperature}")
         require(bool(self.shots) and all(n >= 1 for n in self.shots), "shots", f"{self.shots!r}: give one or more shot counts >= 1")
-        for key in ("knn_k", "draws", "batch_size"):
+        for key in ("knn_k", "linear_max_iter", "draws", "batch_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("probe_train_size", "num_workers", "num_threads"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
@@ -147,11 +160,14 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
             continue
         t0 = time.time()
         if name == "linear":
-            results["linear"] = linear_probe(train_x, train_y, test_x, te.labels, tuple(cfg.Cs), seed=cfg.seed, device=device)
+            results["linear"] = linear_probe(train_x, train_y, test_x, te.labels, tuple(cfg.Cs), cfg.val_fraction, cfg.seed,
+                                             cfg.linear_max_iter, cfg.linear_tol, device=device)
         elif name == "knn":
-            results["knn"] = knn_classify(train_x, train_y, test_x, te.labels, cfg.knn_k, cfg.knn_temperature, device=device)
+            results["knn"] = knn_classify(train_x, train_y, test_x, te.labels, cfg.knn_k, cfg.knn_temperature, device=device,
+                                          ks=tuple(cfg.knn_ks))
         else:
-            results["fewshot"] = few_shot(train_x, train_y, test_x, te.labels, tuple(cfg.shots), cfg.draws, cfg.seed, device=device)
+            results["fewshot"] = few_shot(train_x, train_y, test_x, te.labels, tuple(cfg.shots), cfg.draws, cfg.seed, device=device,
+                                          tol=cfg.linear_tol, max_iter=cfg.linear_max_iter)
         timings[name] = round(time.time() - t0, 1)
     results["seconds"] = round(time.time() - start, 1)
     out = Path(cfg.out_dir)
