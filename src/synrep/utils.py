@@ -1,4 +1,4 @@
-"""Small shared helpers: logging, seeding, atomic file writes, JSON lines."""
+"""Small shared helpers: logging, seeding, JSON lines, hashing, threads (atomic writes live in synrep.atomic)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401  (older import path)
 
 LOG = logging.getLogger("synrep")
 

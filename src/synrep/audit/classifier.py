@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..datasets import LabeledImages, load_dataset
-from ..utils import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 LOG = logging.getLogger("synrep.audit")
 FEATURE_DIM = 128

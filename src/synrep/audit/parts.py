@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 REQUIRED = ("g_key", "g_caption_id", "g_concept", "g_template", "g_background", "g_relation", "g_caption", "g_div_pixel",
             "g_div_feature", "i_group", "i_j", "i_score", "i_pred", "i_pix_d", "i_pix_idx", "i_feat_d", "i_feat_idx",

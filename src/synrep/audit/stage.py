@@ -35,7 +35,8 @@ from ..datasets import DatasetError, load_dataset
 from ..errors import SynrepError
 from ..shards import ShardError
 from ..sources import ShardSource, SourceError, convert_channels, fit_image
-from ..utils import atomic_write_json, bound_heap_growth, set_threads
+from ..atomic import atomic_write_json
+from ..utils import bound_heap_growth, set_threads
 from .agreement import AgreementTotals, lowest_rows
 from .balance import BalanceTotals, balance_section, requested_mix
 from .classifier import ClassifierSpec, LoadedClassifier, embed_images, load_or_train

@@ -24,7 +24,8 @@ from ..config import check_config, require, save_config
 from ..datasets import DATASETS, LabeledImages
 from ..sources import SOURCES, ArraySource, Source, open_real
 from ..training.backbones import BackboneConfig
-from ..utils import bound_heap_growth, atomic_write_json, atomic_write_text, set_threads
+from ..atomic import atomic_write_json, atomic_write_text
+from ..utils import bound_heap_growth, set_threads
 from .features import FeatureCacheError, dataset_identity, resolve_encoder, split_features
 from .probes import DEFAULT_CS, Rows, few_shot, knn_classify, linear_probe, resolve_device
 
