@@ -62,3 +62,16 @@ def test_interval_is_the_t_interval():
     mean, half = interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 4.302652729749462 * 1.0 / np.sqrt(3)) < 1e-9
     assert interval([5.0]) == (5.0, 0.0)
+
+
+def test_world_preset_sets_the_worlds_generator_captions_and_tasks_under_explicit_keys():
+    cfg = load_config(StudyConfig, None, ["preset=world", "steps=7"])
+    assert (cfg.generator, cfg.caption_backend, cfg.caption_dedup) == ("embedded-world", "world", "text")
+    assert cfg.eval.dataset == "fmnist-world:class" and "fmnist-world:class-pattern" in cfg.eval_tasks
+    assert (cfg.backbone.image_size, cfg.backbone.patch_size, cfg.steps, cfg.out_dir) == (40, 8, 7, "runs/study-world")
+    assert max(cfg.caption_scaling) <= 360 and max(cfg.caption_scaling) >= 16 * min(cfg.caption_scaling)
+    fashion = load_config(StudyConfig, None, [])
+    assert expected_seconds(cfg, plan_rows(cfg)) != expected_seconds(fashion, plan_rows(fashion))
+    assert load_config(StudyConfig, None, ["preset=world", "generator=embedded"]).generator == "embedded"
+    with pytest.raises(ValueError, match="caption_backend"):
+        load_config(StudyConfig, None, ["caption_backend=gpt"])

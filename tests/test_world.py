@@ -66,3 +66,54 @@ def test_world_tasks_as_datasets_and_in_eval(world, tmp_path):
                                          "protocols=[knn]", "probe_train_size=2000"])
     result = evaluate(cfg)
     assert result["knn"]["top1"] > 60, "raw pixels see where a garment is (chance is 20%)"
+
+
+def test_world_caption_backend_writes_distinct_balanced_captions_in_the_worlds_wording(tmp_path):
+    from collections import Counter
+
+    from synrep.captions.stage import CaptionsConfig, run_captions
+    from synrep.world import attribute_combinations, planned_caption
+
+    assert len(attribute_combinations()) == 360 == len({caption(c, "bag") for c in attribute_combinations()})
+    first = [planned_caption("bag", 0, i) for i in range(360)]
+    assert len(set(first)) == 360, "a class's first 360 captions are its 360 combinations"
+    assert first != [planned_caption("bag", 1, i) for i in range(360)], "the seed orders them"
+    cfg = load_config(CaptionsConfig, None, ["backend=world", "per_concept=40", "dedup=text", "mix=[1,0,0]",
+                                             f"out_dir={tmp_path}"])
+    path = run_captions(cfg)
+    import json
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 400 and Counter(r["concept"] for r in records) == Counter({c: 40 for c in set(r["concept"] for r in records)})
+    texts = [r["caption"].lower() for r in records]
+    assert len(set(texts)) == 400
+    assert all(t.startswith(("a small ", "a large ")) for t in texts)
+    from synrep.datasets import FASHION_MNIST_CLASSES
+
+    for record, text in zip(records, texts):  # the class is named as the world's generator learned it
+        assert any(f" {name} " in f" {text} " for name in FASHION_MNIST_CLASSES), text
+    patterns = Counter(next(p for p in PATTERNS if f" {p} " in t) for t in texts)
+    assert min(patterns.values()) >= 80, patterns  # 100 each when perfectly balanced
+
+
+def test_eval_tasks_are_probed_on_the_same_features_with_aligned_labels(world, tmp_path):
+    from synrep.evaluation.features import stratified_subset
+    from synrep.evaluation.probes import Rows, knn_classify
+    from synrep.evaluation.stage import EvalConfig, evaluate
+
+    cfg = load_config(EvalConfig, None, ["encoder=pixels", "dataset=fmnist-world", f"out_dir={tmp_path}", "protocols=[knn]",
+                                         "probe_train_size=1500", "knn_ks=[20]", "tasks=[fmnist-world:position,fmnist-world:pattern]"])
+    result = evaluate(cfg)
+    assert set(result["tasks"]) == {"fmnist-world:position", "fmnist-world:pattern"}
+    train = load_dataset("fmnist-world:class", "train")
+    rows = stratified_subset(train.labels, 1500, 0)
+    test_x = world[0].reshape(len(world[0]), -1).astype(np.float32) / 255
+    train_x = train.images[rows].reshape(len(rows), -1).astype(np.float32) / 255
+    for task in ("position", "pattern"):  # the same numbers as a kNN on these rows with the task's labels
+        labels = load_dataset(f"fmnist-world:{task}", "train").labels[rows]
+        direct = knn_classify(Rows(train_x), labels, Rows(test_x), load_dataset(f"fmnist-world:{task}", "test").labels, 20, 0.07,
+                              ks=(20,))
+        assert result["tasks"][f"fmnist-world:{task}"]["knn"]["top1"] == pytest.approx(direct["top1"], abs=0.05)
+    assert result["tasks"]["fmnist-world:position"]["knn"]["top1"] > 60
+    with pytest.raises(ValueError, match="tasks.*another labelling"):
+        load_config(EvalConfig, None, ["dataset=fmnist-world", "tasks=[fashion-mnist]"])

@@ -183,7 +183,7 @@ DATASETS.register("mnist", help="MNIST digits (the packaged copy)")(lambda _, sp
 DATASETS.register("fmnist-world", argument="<task>", optional_argument=True, pattern="class|tone|pattern|size|position|tilt|class-pattern",
                   help="Fashion-MNIST garments with measured/drawn attributes on a 40 px canvas, labelled by <task>: class "
                        "(default), tone, pattern, size, position, tilt or class-pattern (synrep.world)",
-                  image_captions=lambda split: _world_captions(split))(
+                  image_captions=lambda split: _world_captions(split), labellings=True)(
     lambda task, split: _load_world(split, task))
 DATASETS.register("imagefolder", argument="<dir>", help="<dir>/<class>/<images>, or <dir>/<split>/<class>/<images>")(
     lambda root, split: load_image_folder(root, split))

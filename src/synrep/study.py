@@ -32,11 +32,13 @@ import numpy as np
 
 from .atomic import atomic_write_json, atomic_write_text
 from .captions import stage as captions_stage
+from .captions.llm_backends import CAPTION_BACKENDS
 from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
 from .errors import SynrepError
-from .evaluation.stage import EvalConfig, evaluate
+from .evaluation.stage import EvalConfig, evaluate, is_labelling_of
 from .generate import stage as generate_stage
+from .generate.generators import GENERATORS
 from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart, save_curve
 from .training.backbones import BACKBONES, BackboneConfig
@@ -59,10 +61,27 @@ class StudyError(SynrepError, ValueError):
     """A study that cannot be planned (an unknown row)."""
 
 
+WORLD_TASKS = ["fmnist-world:pattern", "fmnist-world:class-pattern", "fmnist-world:tone", "fmnist-world:size",
+               "fmnist-world:position", "fmnist-world:tilt"]
+# The attribute world (synrep.world): captions that name class + attributes, its 40 px generator, its tasks.
+STUDY_PRESETS: dict[str, dict] = {
+    "fashion-mnist": {},
+    "world": {"out_dir": "runs/study-world", "generator": "embedded-world", "caption_backend": "world",
+              "caption_mix": [1.0, 0.0, 0.0], "caption_dedup": "text", "captions_per_concept": 80,
+              "caption_scaling": [20, 40, 80, 320], "backbone.image_size": 40, "backbone.patch_size": 8,
+              "eval.dataset": "fmnist-world:class", "eval_tasks": WORLD_TASKS},
+}
+
+
 @dataclass
 class StudyConfig:
+    preset: Literal["fashion-mnist", "world"] = "fashion-mnist"  # fashion-mnist: the shipped 28 px generator, template captions, Fashion-MNIST test; world: the attribute world's generator, captions and tasks
     out_dir: str = "runs/study"
     data_dir: str = ""  # captions + shards; "" = <out_dir>/data (point another study at it to reuse the images)
+    generator: str = "embedded"  # the generator of every synthetic data set (see `synrep generate --help`)
+    caption_backend: str = "template"  # the captions backend of every synthetic data set
+    caption_mix: list[float] = field(default_factory=lambda: [0.44, 0.45, 0.11])  # caption template weights c, c+bg, c+rel[, bg]
+    caption_dedup: Literal["auto", "minilm", "text", "none"] = "auto"
     sections: list[Section] = field(default_factory=lambda: list(ALL_SECTIONS))  # which parts of the study to run
     rows: list[str] = field(default_factory=lambda: list(ALL_ROWS))  # rows of the methods section
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every row runs once per seed (mean and 95% interval)
@@ -84,7 +103,14 @@ class StudyConfig:
     eval_tasks: list[str] = field(default_factory=list)  # more real test sets for every row, e.g. fmnist-world:pattern
     num_threads: int = 0
 
+    def preset_values(self) -> dict:
+        """The values ``preset`` sets; the config loader applies them under explicit keys."""
+        return dict(STUDY_PRESETS[self.preset])
+
     def check(self) -> None:
+        for key, registry in (("generator", GENERATORS), ("caption_backend", CAPTION_BACKENDS)):
+            problem = registry.problem(getattr(self, key))
+            require(problem is None, key, problem or "")
         unknown = [row for row in self.rows if row not in ALL_ROWS]
         require(not unknown, "rows", f"unknown study row(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_ROWS)}")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", f"must be distinct seeds (one or more), got {self.seeds}")
@@ -138,7 +164,8 @@ def _data_root(cfg: StudyConfig) -> Path:
 def _captions(cfg: StudyConfig, per_concept: int) -> Path:
     folder = _data_root(cfg) / f"captions_{per_concept}"
     if not captions_stage.is_complete(folder):
-        run_captions(CaptionsConfig(out_dir=str(folder), per_concept=per_concept, seed=0, num_threads=cfg.num_threads))
+        run_captions(CaptionsConfig(out_dir=str(folder), per_concept=per_concept, seed=0, num_threads=cfg.num_threads,
+                                    backend=cfg.caption_backend, mix=list(cfg.caption_mix), dedup=cfg.caption_dedup))
     return captions_stage.outputs(folder)["captions"]
 
 
@@ -146,6 +173,7 @@ def _shards(cfg: StudyConfig, data: Data) -> str:
     folder = _data_root(cfg) / f"shards_{data.name}"
     if not generate_stage.is_complete(folder):
         run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions)), out_dir=str(folder), images_per_caption=data.images,
+                                    generator=cfg.generator,
                                     guidance_scale=data.guidance, views="independent" if data.sigma is None else "latent",
                                     sigma=data.sigma or cfg.latent_sigma, seed=0, num_threads=cfg.num_threads))
     return str(folder)
@@ -193,10 +221,11 @@ def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
     """A rough estimate of the whole study on this kind of machine (data sets + training + evaluations)."""
     images = {r.data.name: r.data.captions * r.data.images * 10 for r in rows if isinstance(r.data, Data)}
     trained = sum(1 for r in rows if r.method) * len(cfg.seeds)
-    evals = len(rows) * len(cfg.seeds) * (1 + len(cfg.eval_tasks))
+    evals = len(rows) * len(cfg.seeds) * (1 + sum(not is_labelling_of(t, cfg.eval.dataset) for t in cfg.eval_tasks))
     batch = cfg.groups_per_batch * cfg.images_per_group
-    return (sum(images.values()) * SECONDS_PER_GENERATED_IMAGE + trained * cfg.steps * batch * SECONDS_PER_TRAIN_IMAGE
-            + evals * SECONDS_PER_EVAL)
+    pixels = (cfg.backbone.image_size / 28) ** 2  # the constants are for 28 px; cost grows with the pixel count
+    return pixels * (sum(images.values()) * SECONDS_PER_GENERATED_IMAGE + trained * cfg.steps * batch * SECONDS_PER_TRAIN_IMAGE) \
+        + evals * SECONDS_PER_EVAL
 
 
 def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
@@ -219,13 +248,16 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
         encoder = str(train(tcfg))
         train_seconds = time.time() - t0
     scores = {}
-    for dataset in [cfg.eval.dataset, *cfg.eval_tasks]:
+    # tasks that label the headline dataset's images are probed on its features; other test sets get their own run
+    same_images = [t for t in cfg.eval_tasks if is_labelling_of(t, cfg.eval.dataset)]
+    for dataset in [cfg.eval.dataset, *(t for t in cfg.eval_tasks if t not in same_images)]:
         sub = "eval" if dataset == cfg.eval.dataset else f"eval-{dataset.replace(':', '-')}"
         ev = dataclasses.replace(cfg.eval, encoder=encoder, dataset=dataset, out_dir=str(folder / sub), seed=seed,
-                                 num_threads=cfg.num_threads,
-                                 random_backbone=dataclasses.replace(cfg.backbone, image_size=28, in_channels=1))
+                                 num_threads=cfg.num_threads, tasks=same_images if dataset == cfg.eval.dataset else [],
+                                 random_backbone=dataclasses.replace(cfg.backbone, in_channels=1))
         r = evaluate(ev)
-        scores[dataset] = {"linear_top1": r.get("linear", {}).get("top1"), "knn_top1": r.get("knn", {}).get("top1")}
+        for name, result in [(dataset, r), *r.get("tasks", {}).items()]:
+            scores[name] = {"linear_top1": result.get("linear", {}).get("top1"), "knn_top1": result.get("knn", {}).get("top1")}
     result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
               "data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "encoder": encoder, "scores": scores,
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
@@ -292,8 +324,8 @@ def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Pat
     batch = cfg.groups_per_batch * cfg.images_per_group
     lines = ["# synrep miniature study", "",
              f"Encoder `{cfg.backbone.name}` (patch {cfg.backbone.patch_size}) for every trained row; {cfg.steps} steps x {batch} "
-             f"images per step; seeds {cfg.seeds} (mean ± 95% t-interval). Synthetic data: template captions per concept x images "
-             f"from the embedded generator (guidance {cfg.guidance_scale:g} unless the row says otherwise). Evaluation: frozen "
+             f"images per step; seeds {cfg.seeds} (mean ± 95% t-interval). Synthetic data: `{cfg.caption_backend}` captions per "
+             f"concept x images from the `{cfg.generator}` generator (guidance {cfg.guidance_scale:g} unless the row says otherwise). Evaluation: frozen "
              f"features on real test images ({', '.join(datasets)}), linear probe fit on {cfg.eval.probe_train_size or 'all'} real "
              f"train images.", ""]
     summary = {}

@@ -138,3 +138,19 @@ def load_world(split: str = "train", task: str | None = None) -> LabeledImages:
 def world_captions(split: str = "train") -> list[str]:
     """The caption of every image of ``split``, in order."""
     return list(build_split(split)[3])
+
+
+def attribute_combinations() -> list[dict[str, str]]:
+    """Every combination of the five attributes (3 x 4 x 2 x 5 x 3 = 360), in a fixed order."""
+    combos = [{}]
+    for name, values in ATTRIBUTES.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    return combos
+
+
+def planned_caption(class_name: str, seed: int, index: int) -> str:
+    """Caption number ``index`` of a class in a captions plan: the classes' attribute combinations in a seeded
+    order, so the first 360 captions of a class are all different and every attribute value is equally common."""
+    combos = attribute_combinations()
+    order = np.random.default_rng(stable_seed("world-captions", seed, class_name)).permutation(len(combos))
+    return caption(combos[order[index % len(combos)]], class_name)

@@ -323,6 +323,14 @@ def _template(_, settings: SamplingSettings, **options):
     return TemplateBackend()
 
 
+@CAPTION_BACKENDS.register("world", help="captions of the attribute world (class + tone, pattern, size, position, tilt; no model)",
+                           language_model=False, remote=False)
+def _world(_, settings: SamplingSettings, seed: int = 0, **options):
+    from .world_backend import WorldCaptionBackend
+
+    return WorldCaptionBackend(seed)
+
+
 @CAPTION_BACKENDS.register("smollm2", help="the SmolLM2-135M-Instruct GGUF shipped by the llama-cpp wheel, run by transformers",
                            language_model=True, remote=False)
 def _smollm2(_, settings: SamplingSettings, chat: str = "auto", **options):
@@ -339,11 +347,12 @@ def _hf(source: str, settings: SamplingSettings, chat: str = "auto", **options):
 @CAPTION_BACKENDS.register("openai", argument="<http(s)://host:port>", pattern=r"https?://[^/\s]+(/\S*)?",
                            help="an OpenAI-compatible /v1/completions server (vLLM, llama.cpp, TGI, ...)",
                            language_model=True, remote=True)
-def _openai(url: str, settings: SamplingSettings, chat: str = "auto", **options):
+def _openai(url: str, settings: SamplingSettings, chat: str = "auto", seed: int = 0, **options):
     return OpenAIBackend(url, settings, **options)
 
 
-def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", **openai_options):
-    """Build the caption backend ``spec`` names (see :data:`CAPTION_BACKENDS`); ``openai_options`` go to a server
-    backend (model, concurrency, timeout_s, retries, backoff_s, api_key_env)."""
-    return CAPTION_BACKENDS.build(spec, settings, chat=chat, **openai_options)
+def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", seed: int = 0, **openai_options):
+    """Build the caption backend ``spec`` names (see :data:`CAPTION_BACKENDS`); ``seed`` is the stage's seed (a
+    backend whose plan depends on it uses it); ``openai_options`` go to a server backend (model, concurrency,
+    timeout_s, retries, backoff_s, api_key_env)."""
+    return CAPTION_BACKENDS.build(spec, settings, chat=chat, seed=seed, **openai_options)

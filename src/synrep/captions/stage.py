@@ -347,7 +347,8 @@ def _make_backend(cfg: CaptionsConfig):
     settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     server = dict(model=cfg.api_model, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, retries=cfg.max_retries,
                   backoff_s=cfg.backoff_s, api_key_env=cfg.api_key_env)
-    return make_backend(cfg.backend, settings, chat=cfg.chat, **(server if CAPTION_BACKENDS.traits(cfg.backend)["remote"] else {}))
+    return make_backend(cfg.backend, settings, chat=cfg.chat, seed=cfg.seed,
+                        **(server if CAPTION_BACKENDS.traits(cfg.backend)["remote"] else {}))
 
 
 def _backend_where(cfg: CaptionsConfig, backend=None) -> str:

@@ -154,6 +154,11 @@ def shipped_generator_dir() -> Path:
     return Path(str(resources.files("synrep") / "data" / "generator"))
 
 
+def shipped_world_generator_dir() -> Path:
+    """The shipped model of the attribute world (:mod:`synrep.world`): 40 px, one caption per image."""
+    return Path(str(resources.files("synrep") / "data" / "world_generator"))
+
+
 def load_embedded_generator(folder: str | Path | None = None, device: str = "cpu") -> EmbeddedGenerator:
     """Load a saved embedded generator (default: the one shipped inside the package), offline."""
     from diffusers import UNet2DConditionModel

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..config import check_config, require, save_config
@@ -26,7 +27,8 @@ from ..sources import SOURCES, ArraySource, Source, open_real
 from ..training.backbones import BackboneConfig
 from ..atomic import atomic_write_json, atomic_write_text
 from ..utils import bound_heap_growth, set_threads
-from .features import FeatureCacheError, dataset_identity, resolve_encoder, split_features
+from .features import (FeatureCacheError, SplitFeatures, dataset_identity, known_labels, resolve_encoder, split_features,
+                       stratified_subset)
 from .probes import DEFAULT_CS, Rows, few_shot, knn_classify, linear_probe, resolve_device
 
 LOG = logging.getLogger("synrep.eval")
@@ -58,6 +60,7 @@ class EvalConfig:
     crop_fraction: float = 0.875  # resize the shorter side to size / crop_fraction, centre crop (same-size images untouched)
     num_workers: int = 2  # data-loader processes decoding images
     cache_dir: str = ""  # feature cache; "" = <out_dir>/features
+    tasks: list[str] = field(default_factory=list)  # more labellings of the same images, probed on the same features (e.g. fmnist-world:pattern)
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
     random_backbone: BackboneConfig = field(default_factory=BackboneConfig)  # random:<name> and its input size; pixels of mixed sizes
     num_threads: int = 0
@@ -72,6 +75,10 @@ class EvalConfig:
         prefix = self.dataset.partition(":")[0]
         problem = None if prefix in SOURCES else DATASETS.problem(self.dataset)  # wds:/imagefolder: stream; the rest load
         require(problem is None, "dataset", f"{problem}; or a streamed source: {', '.join(f'{p}:<folder>' for p in SOURCES)}")
+        for task in self.tasks:
+            require(is_labelling_of(task, self.dataset), "tasks",
+                    f"{task!r}: a task is another labelling of the images of dataset={self.dataset!r}; datasets with "
+                    f"several labellings: {', '.join(DATASETS.names_with('labellings'))}")
         require(self.train_split != self.test_split, "test_split",
                 f"{self.test_split!r} must differ from train_split (the probe would be scored on its own training images)")
         require(bool(self.Cs) and all(math.isfinite(c) and c > 0 for c in self.Cs), "Cs",
@@ -89,6 +96,12 @@ class EvalConfig:
         require(0 < self.crop_fraction <= 1, "crop_fraction",
                 f"must be in (0, 1] (1 keeps the whole shorter side; 0.875 is the usual centre crop), got {self.crop_fraction}")
         require(bool(DEVICE_RE.match(self.device)), "device", f"{self.device!r} is not allowed; choose auto, cpu, cuda or cuda:<index>")
+
+
+def is_labelling_of(task: str, dataset: str) -> bool:
+    """Whether ``task`` labels the same images as ``dataset`` (``fmnist-world:pattern`` of ``fmnist-world:class``)."""
+    return (task.partition(":")[0] == dataset.partition(":")[0] and DATASETS.problem(task) is None
+            and bool(DATASETS.traits(task).get("labellings")))
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -155,21 +168,17 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
                "image_size": encoder.size, "crop_fraction": cfg.crop_fraction, "device": str(device),
                "feature_seconds": round(time.time() - start, 1),
                "feature_cache": {"train": tr.summary(), "test": te.summary()}}
-    timings = results["protocol_seconds"] = {}
-    for name in PROTOCOLS:
-        if name not in cfg.protocols:
-            continue
-        t0 = time.time()
-        if name == "linear":
-            results["linear"] = linear_probe(train_x, train_y, test_x, te.labels, tuple(cfg.Cs), cfg.val_fraction, cfg.seed,
-                                             cfg.linear_max_iter, cfg.linear_tol, device=device)
-        elif name == "knn":
-            results["knn"] = knn_classify(train_x, train_y, test_x, te.labels, cfg.knn_k, cfg.knn_temperature, device=device,
-                                          ks=tuple(cfg.knn_ks))
-        else:
-            results["fewshot"] = few_shot(train_x, train_y, test_x, te.labels, tuple(cfg.shots), cfg.draws, cfg.seed, device=device,
-                                          tol=cfg.linear_tol, max_iter=cfg.linear_max_iter)
-        timings[name] = round(time.time() - t0, 1)
+    results["protocol_seconds"] = _run_protocols(cfg, results, train_x, train_y, test_x, te.labels, device)
+    if cfg.tasks:
+        results["tasks"] = {}
+        positions = _train_positions(cfg, tr, lambda: source(cfg.train_split))
+        for task in cfg.tasks:
+            task_train, task_test = (known_labels(open_real(task, split)) for split in (cfg.train_split, cfg.test_split))
+            scores: dict = {}
+            scores["protocol_seconds"] = _run_protocols(cfg, scores, train_x, task_train if positions is None else task_train[positions],
+                                                        test_x, task_test, device)
+            results["tasks"][task] = scores
+            LOG.info("eval %s on %s (same features): %s", cfg.encoder, task, headline(scores))
     results["seconds"] = round(time.time() - start, 1)
     out = Path(cfg.out_dir)
     save_config(cfg, out)
@@ -177,6 +186,47 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
     atomic_write_json(outputs(out)["results"], results)  # the stage's done-marker: written last
     LOG.info("eval %s on %s: %s", cfg.encoder, cfg.dataset, headline(results))
     return results
+
+
+def _run_protocols(cfg: EvalConfig, results: dict, train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, device) -> dict:
+    """Each protocol of ``cfg`` on these features and labels, into ``results``; returns seconds per protocol."""
+    timings = {}
+    for name in PROTOCOLS:
+        if name not in cfg.protocols:
+            continue
+        t0 = time.time()
+        if name == "linear":
+            results["linear"] = linear_probe(train_x, train_y, test_x, test_y, tuple(cfg.Cs), cfg.val_fraction, cfg.seed,
+                                             cfg.linear_max_iter, cfg.linear_tol, device=device)
+        elif name == "knn":
+            results["knn"] = knn_classify(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature, device=device,
+                                          ks=tuple(cfg.knn_ks))
+        else:
+            results["fewshot"] = few_shot(train_x, train_y, test_x, test_y, tuple(cfg.shots), cfg.draws, cfg.seed, device=device,
+                                          tol=cfg.linear_tol, max_iter=cfg.linear_max_iter)
+        timings[name] = round(time.time() - t0, 1)
+    return timings
+
+
+def _train_positions(cfg: EvalConfig, tr: SplitFeatures, open_train) -> np.ndarray | None:
+    """Positions in the whole train split of the rows the probes use (None: all of them, in order).
+
+    The cache holds the whole split (``tr.rows`` picks the subset) or only the stratified subset, whose positions
+    are drawn again from the dataset's labels; either way they are checked against the cached labels.
+    """
+    full = known_labels(open_train())
+    if tr.rows is not None:
+        positions = tr.rows
+    elif tr.manifest["settings"]["rows"] == "all":
+        positions = None
+    else:
+        positions = stratified_subset(full, cfg.probe_train_size, cfg.seed)
+    used = tr.labels if tr.rows is None else tr.labels[tr.rows]
+    expected = full if positions is None else full[positions]
+    if len(used) != len(expected) or not np.array_equal(used, expected):
+        raise FeatureCacheError(f"feature cache {tr.folder}: its rows do not match {cfg.dataset} {cfg.train_split}; "
+                                "the task labels cannot be aligned (delete the cache to rebuild it)")
+    return positions
 
 
 def headline(r: dict) -> str:

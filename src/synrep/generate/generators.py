@@ -44,14 +44,14 @@ class DrawSettings:
 class EmbeddedT2I:
     """The embedded model. Only DDIM sampling (deterministic, eta = 0) is offered."""
 
-    def __init__(self, folder: str | None = None, device: str = "cpu"):
+    def __init__(self, folder: str | None = None, device: str = "cpu", name: str = ""):
         from ..embedded_t2i.model import GeneratorError, load_embedded_generator
 
         try:
             self.model = load_embedded_generator(folder, device=device)
         except GeneratorError as err:
             raise GeneratorSpecError(str(err)) from None
-        self.name = "embedded" if folder is None else f"embedded:{folder}"
+        self.name = name or ("embedded" if folder is None else f"embedded:{folder}")
         self.size = self.model.cfg.image_size
         self.factor = self.model.cfg.downsample_factor
 
@@ -163,6 +163,13 @@ scheduler)`` returns an object with ``name``, ``check``, ``noise_shape`` and ``d
                      help="synrep's shipped 28x28 model, or one trained by `synrep generator train` (a folder)")
 def _embedded(folder: str | None, device: str, *_: object) -> EmbeddedT2I:
     return EmbeddedT2I(folder, device)
+
+
+@GENERATORS.register("embedded-world", help="synrep's shipped 40x40 attribute-world model (captions from the `world` caption backend)")
+def _embedded_world(_, device: str, *__: object) -> EmbeddedT2I:
+    from ..embedded_t2i.model import shipped_world_generator_dir
+
+    return EmbeddedT2I(str(shipped_world_generator_dir()), device, name="embedded-world")
 
 
 @GENERATORS.register("diffusers", argument="<folder-or-hub-id>",
