@@ -42,7 +42,8 @@ def test_study_plan_covers_the_sections_with_fair_batches():
     assert list(rows) == ["simclr-synthetic", "stablerep-synthetic", "genrep-latent-stablerep", "stablerep-guidance-2",
                           "stablerep-guidance-4", "genrep-latent-sigma-0.25", "genrep-latent-sigma-2", "stablerep-captions-25",
                           "stablerep-captions-50", "stablerep-captions-100", "stablerep-captions-400", "stablerep-n1",
-                          "stablerep-n2", "stablerep-n4", "stablerep-n8"]
+                          "stablerep-n2", "stablerep-n4", "stablerep-n8", "stablerep-uniform", "stablerep-redraw-below-0.5",
+                          "stablerep-rare-concepts"]
     simclr = rows["simclr-synthetic"]
     assert (simclr.images_per_group, simclr.views, simclr.groups_per_batch) == (1, 2, 128), "one image per caption per batch"
     assert rows["genrep-latent-sigma-2"].data.sigma == 2.0 and rows["genrep-latent-stablerep"].data.sigma == 0.5
@@ -75,3 +76,28 @@ def test_world_preset_sets_the_worlds_generator_captions_and_tasks_under_explici
     assert load_config(StudyConfig, None, ["preset=world", "generator=embedded"]).generator == "embedded"
     with pytest.raises(ValueError, match="caption_backend"):
         load_config(StudyConfig, None, ["caption_backend=gpt"])
+
+
+def test_curation_section_keeps_the_image_count_and_reports_the_rare_concepts(tmp_path):
+    from synrep.study import _captions, write_study_report
+
+    cfg = load_config(StudyConfig, None, [f"out_dir={tmp_path}", "sections=[curation]", "captions_per_concept=20",
+                                          "rare_concepts=[sandal,shirt]", "rare_weight=0.1", "curate_threshold=0.6"])
+    rows = plan_rows(cfg)
+    assert [r.name for r in rows] == ["stablerep-uniform", "stablerep-redraw-below-0.6", "stablerep-rare-concepts"]
+    uniform, redraw, rare = (r.data for r in rows)
+    assert redraw.redraw_below == 0.6 and rare.rare and len({uniform.name, redraw.name, rare.name}) == 3
+    import json
+    from collections import Counter
+
+    counts = Counter(json.loads(line)["concept"] for line in _captions(cfg, 20, rare=True).read_text().splitlines())
+    assert counts["sandal"] == counts["shirt"] < counts["coat"] / 5, counts
+    assert abs(sum(counts.values()) - 200) <= 10, "the same total as the uniform mix"
+    runs = [{"row": r.name, "section": "curation", "x": None, "method": "stablerep", "seed": s, "train_seconds": 1.0,
+             "scores": {cfg.eval.dataset: {"linear_top1": 80.0 + s, "knn_top1": 70.0}}, "rare_linear_top1": 50.0 + 2 * s}
+            for r in rows for s in (0, 1, 2)]
+    text = write_study_report(tmp_path, cfg, runs).read_text()
+    assert "rare concepts linear" in text and "52.00 ± 4.97" in text  # mean of 50, 52, 54 and its t-interval
+    assert (tmp_path / "study_curation.png").exists()
+    with pytest.raises(ValueError, match="rare_concepts.*'unicorn'"):
+        load_config(StudyConfig, None, ["rare_concepts=[unicorn]"])

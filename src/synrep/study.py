@@ -11,7 +11,10 @@ Sections (``sections``):
 - ``sigma``: StableRep on GenRep latent views at each sigma;
 - ``captions``: StableRep against the number of captions per concept (4 images each);
 - ``images_per_caption``: StableRep against images per caption at a fixed image budget (1 image = SimCLR's
-  two crops of it, as in StableRep's figure).
+  two crops of it, as in StableRep's figure);
+- ``curation``: StableRep at the same image count on the uniform data, on it with images that fail the
+  agreement check redrawn (``curate_threshold``), and on a deliberately imbalanced concept mix
+  (``rare_concepts`` at ``rare_weight``); the report adds the linear probe's accuracy on the rare concepts.
 
 Every row runs once per seed in ``seeds``; tables and PNGs show the mean and a 95% t-interval. Data sets, runs
 and evaluations are skipped when complete, so a killed study resumes; the expected time is logged first.
@@ -33,11 +36,13 @@ import numpy as np
 from .atomic import atomic_write_json, atomic_write_text
 from .captions import stage as captions_stage
 from .captions.llm_backends import CAPTION_BACKENDS
+from .captions.concepts import load_concepts
 from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
 from .errors import SynrepError
 from .evaluation.stage import EvalConfig, evaluate, is_labelling_of
 from .generate import stage as generate_stage
+from .generate.curation import CurationConfig
 from .generate.generators import GENERATORS
 from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart, save_curve
@@ -48,8 +53,8 @@ LOG = logging.getLogger("synrep.study")
 
 ALL_ROWS = ["random-init", "raw-pixels", "simclr-real", "supervised-real", "simclr-synthetic", "supcon-synthetic",
             "stablerep-synthetic", "stablerep+-synthetic", "synclr-synthetic", "genrep-latent-stablerep"]
-Section = Literal["methods", "guidance", "sigma", "captions", "images_per_caption"]
-ALL_SECTIONS = ["methods", "guidance", "sigma", "captions", "images_per_caption"]
+Section = Literal["methods", "guidance", "sigma", "captions", "images_per_caption", "curation"]
+ALL_SECTIONS = ["methods", "guidance", "sigma", "captions", "images_per_caption", "curation"]
 SECTION_AXIS = {"guidance": "guidance scale", "sigma": "GenRep sigma", "captions": "captions per concept",
                 "images_per_caption": "images per caption (fixed image budget)"}
 # Rough CPU costs for the up-front estimate (2 cores, vit-micro at 28 px): seconds per training image,
@@ -93,6 +98,10 @@ class StudyConfig:
     latent_sigma_sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # sigma section (GenRep reports an inverse U)
     caption_scaling: list[int] = field(default_factory=lambda: [25, 50, 100, 400])  # captions section: captions per concept
     images_per_caption_scaling: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # at captions_per_concept x images_per_caption images
+    curate_threshold: float = 0.5  # curation section: images whose agreement score is below this are redrawn
+    curate_classifier: str = "fashion-mnist"  # curation section: real data the agreement classifier learns from
+    rare_concepts: list[str] = field(default_factory=lambda: ["sandal", "shirt", "pullover"])  # curation section: concepts made rare
+    rare_weight: float = 0.1  # curation section: the rare concepts' caption weight (the others have 1; same total)
     steps: int = 500
     groups_per_batch: int = 64
     images_per_group: int = 4
@@ -124,6 +133,12 @@ class StudyConfig:
         budget = self.captions_per_concept * self.images_per_caption
         require(all(budget % n == 0 for n in self.images_per_caption_scaling), "images_per_caption_scaling",
                 f"each value must divide the image budget captions_per_concept x images_per_caption = {budget}")
+        require(0 <= self.curate_threshold <= 1, "curate_threshold", f"must be in [0, 1], got {self.curate_threshold}")
+        require(0 < self.rare_weight <= 1, "rare_weight", f"must be in (0, 1] (the others weigh 1), got {self.rare_weight}")
+        require(bool(self.rare_concepts) or "curation" not in self.sections, "rare_concepts", "is empty; name one or more concepts")
+        known = [c.name for c in load_concepts(CaptionsConfig().concepts).concepts]
+        unknown = [c for c in self.rare_concepts if c not in known]
+        require(not unknown, "rare_concepts", f"{', '.join(map(repr, unknown))} not in the concept list; choose from {', '.join(known)}")
         for key in ("captions_per_concept", "images_per_caption", "steps", "groups_per_batch", "images_per_group"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -136,11 +151,14 @@ class Data:
     images: int
     guidance: float
     sigma: float | None = None
+    redraw_below: float | None = None  # curation: redraw images whose agreement score is below this
+    rare: bool = False  # captions with the study's rare concepts at rare_weight
 
     @property
     def name(self) -> str:
         views = "" if self.sigma is None else f"_latent_s{self.sigma:g}"
-        return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}"
+        curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}"
+        return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}{curated}{'_rare' if self.rare else ''}"
 
 
 @dataclass(frozen=True)
@@ -161,21 +179,31 @@ def _data_root(cfg: StudyConfig) -> Path:
     return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
 
 
-def _captions(cfg: StudyConfig, per_concept: int) -> Path:
-    folder = _data_root(cfg) / f"captions_{per_concept}"
+def _captions(cfg: StudyConfig, per_concept: int, rare: bool = False) -> Path:
+    root = _data_root(cfg)
+    folder = root / f"captions_{per_concept}{'_rare' if rare else ''}"
+    weights = ""
+    if rare:  # the same total, the rare concepts at rare_weight
+        weights = str(root / "rare_concepts.yaml")
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(weights), "".join(f"{c}: {cfg.rare_weight}\n" for c in cfg.rare_concepts))
     if not captions_stage.is_complete(folder):
         run_captions(CaptionsConfig(out_dir=str(folder), per_concept=per_concept, seed=0, num_threads=cfg.num_threads,
-                                    backend=cfg.caption_backend, mix=list(cfg.caption_mix), dedup=cfg.caption_dedup))
+                                    backend=cfg.caption_backend, mix=list(cfg.caption_mix), dedup=cfg.caption_dedup,
+                                    concept_weights=weights))
     return captions_stage.outputs(folder)["captions"]
 
 
 def _shards(cfg: StudyConfig, data: Data) -> str:
     folder = _data_root(cfg) / f"shards_{data.name}"
     if not generate_stage.is_complete(folder):
-        run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions)), out_dir=str(folder), images_per_caption=data.images,
-                                    generator=cfg.generator,
+        curate = CurationConfig() if data.redraw_below is None else \
+            CurationConfig(mode="redraw", threshold=data.redraw_below, classifier_dataset=cfg.curate_classifier,
+                           cache_dir=str(_data_root(cfg) / "curation"))
+        run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions, data.rare)), out_dir=str(folder),
+                                    images_per_caption=data.images, generator=cfg.generator,
                                     guidance_scale=data.guidance, views="independent" if data.sigma is None else "latent",
-                                    sigma=data.sigma or cfg.latent_sigma, seed=0, num_threads=cfg.num_threads))
+                                    sigma=data.sigma or cfg.latent_sigma, seed=0, num_threads=cfg.num_threads, curate=curate))
     return str(folder)
 
 
@@ -214,6 +242,11 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
             data = Data(budget // n, n, cfg.guidance_scale)
             shape = single if n == 1 else dict(groups_per_batch=max(1, batch // n), images_per_group=n)
             rows.append(Row("images_per_caption", f"stablerep-n{n}", n, "stablerep", data, **shape))
+    if "curation" in cfg.sections:
+        rows += [Row("curation", "stablerep-uniform", None, "stablerep", main),
+                 Row("curation", f"stablerep-redraw-below-{cfg.curate_threshold:g}", None, "stablerep",
+                     dataclasses.replace(main, redraw_below=cfg.curate_threshold)),
+                 Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=True))]
     return rows
 
 
@@ -258,13 +291,23 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
         r = evaluate(ev)
         for name, result in [(dataset, r), *r.get("tasks", {}).items()]:
             scores[name] = {"linear_top1": result.get("linear", {}).get("top1"), "knn_top1": result.get("knn", {}).get("top1")}
+        if dataset == cfg.eval.dataset:
+            per_class = {int(k): v for k, v in r.get("linear", {}).get("per_class_top1", {}).items()}
+    rare = [per_class[label] for label in _rare_labels(cfg) if label in per_class]
     result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
               "data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "encoder": encoder, "scores": scores,
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
+              "rare_linear_top1": float(np.mean(rare)) if rare else None,
               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
               "steps": cfg.steps if row.method else 0}
     atomic_write_json(done, result)
     return result
+
+
+def _rare_labels(cfg: StudyConfig) -> list[int]:
+    """The headline dataset's class labels of the study's rare concepts (the concept list's ``label`` field)."""
+    label_of = {c.name: c.label for c in load_concepts(CaptionsConfig().concepts).concepts}
+    return [label_of[c] for c in cfg.rare_concepts if label_of.get(c) is not None]
 
 
 def run_study(cfg: StudyConfig) -> Path:
@@ -309,6 +352,7 @@ def summarise(results: list[dict], datasets: list[str]) -> list[dict]:
         for dataset in datasets:
             for metric in ("linear_top1", "knn_top1"):
                 line[f"{dataset}|{metric}"] = interval([r["scores"].get(dataset, {}).get(metric) for r in runs])
+        line["rare|linear_top1"] = interval([r.get("rare_linear_top1") for r in runs])
         out.append(line)
     return out
 
@@ -333,21 +377,27 @@ def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Pat
         part = [r for r in lines_by_row if r["section"] == section]
         if not part:
             continue
-        header = "| row | " + ("" if section == "methods" else f"{SECTION_AXIS[section]} | ") + " | ".join(
-            f"{d} linear | {d} kNN" for d in datasets) + " | seeds | train s |"
+        axis = section in SECTION_AXIS
+        rare = section == "curation"
+        header = "| row | " + (f"{SECTION_AXIS[section]} | " if axis else "") + " | ".join(
+            f"{d} linear | {d} kNN" for d in datasets) + (" | rare concepts linear |" if rare else " |") + " seeds | train s |"
         lines += [f"## {section.replace('_', ' ')}", "", header, "|" + "---|" * (header.count("|") - 1)]
         for r in part:
             cells = [_cell(r[f"{d}|{m}"]) for d in datasets for m in ("linear_top1", "knn_top1")]
-            lines.append(f"| {r['row']} | " + ("" if section == "methods" else f"{r['x']:g} | ") + " | ".join(cells)
+            if rare:
+                cells.append(_cell(r["rare|linear_top1"]))
+            lines.append(f"| {r['row']} | " + (f"{r['x']:g} | " if axis else "") + " | ".join(cells)
                          + f" | {r['seeds']} | {r['train_seconds']} |")
         png = f"study_{section}.png"
         metric = "linear_top1" if "linear" in cfg.eval.protocols else "knn_top1"
         headline = [r[f"{cfg.eval.dataset}|{metric}"] for r in part]
-        if section == "methods":
+        if not axis:
             scored = [(r["row"], v) for r, v in zip(part, headline) if v[0] == v[0]]
+            if rare:  # the rare concepts' accuracy is what allocation should move
+                scored += [(f"{r['row']} (rare)", r["rare|linear_top1"]) for r in part if r["rare|linear_top1"][0] == r["rare|linear_top1"][0]]
             if scored:
                 save_bar_chart(root / png, [n for n, _ in scored], [v[0] for _, v in scored],
-                               f"methods ({cfg.backbone.name}): {metric.split('_')[0]} top-1, mean ± 95% interval", "top-1 (%)",
+                               f"{section} ({cfg.backbone.name}): {metric.split('_')[0]} top-1, mean ± 95% interval", "top-1 (%)",
                                errors=[v[1] for _, v in scored])
         else:
             xs = [r["x"] for r in part]

@@ -469,14 +469,17 @@ def linear_probe(train_x: np.ndarray | Rows, train_y: np.ndarray, test_x: np.nda
     chosen = fits[best]
     del problem, val_rows, fits
     fit = LogRegProblem(train_x, train_y, device).fit(grid[best], tol, max_iter, history_size, init=chosen)
-    top1 = fit.score(test_x, test_y)
+    predicted = fit.predict(test_x)
+    test_y = np.asarray(test_y)
+    top1 = float((predicted == test_y).mean() * 100)
+    per_class = {int(c): round(float((predicted[test_y == c] == c).mean() * 100), 4) for c in np.unique(test_y)}
     not_converged = [dict(f, fit="selection") for f in val_fits if not f["converged"]]
     if not fit.converged:
         not_converged.append(dict(fit.summary(), fit="refit"))
     for f in not_converged:
         LOG.warning("linear probe: the %s fit at C=%g did not converge (%s after %d iterations: max |grad| %.2g > tol %g); "
                     "raise max_iter or tol", f["fit"], f["C"], f["stop"], f["iterations"], f["grad_max"], tol)
-    return {"top1": top1, "C": grid[best], "val_top1_best": val_top1[best], "grid": grid, "val_top1": val_top1,
+    return {"top1": top1, "per_class_top1": per_class, "C": grid[best], "val_top1_best": val_top1[best], "grid": grid, "val_top1": val_top1,
             "val_fits": val_fits, "fit": fit.summary(), "converged": not not_converged, "not_converged": not_converged,
             "iterations": fit.iterations, "passes": sum(f["passes"] for f in val_fits) + fit.passes,
             "rows": {"selection": len(tr_idx), "validation": len(va_idx), "refit": len(train_x)},
