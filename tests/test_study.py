@@ -87,10 +87,12 @@ def test_curation_section_keeps_the_image_count_and_reports_the_rare_concepts(tm
     assert [r.name for r in rows] == ["stablerep-uniform", "stablerep-redraw-below-0.6", "stablerep-rare-concepts"]
     uniform, redraw, rare = (r.data for r in rows)
     assert redraw.redraw_below == 0.6 and rare.rare and len({uniform.name, redraw.name, rare.name}) == 3
+    other = plan_rows(load_config(StudyConfig, None, ["sections=[curation]", "rare_concepts=[sandal]"]))[2].data
+    assert other.name != rare.name, "another rare mix is another data set"
     import json
     from collections import Counter
 
-    counts = Counter(json.loads(line)["concept"] for line in _captions(cfg, 20, rare=True).read_text().splitlines())
+    counts = Counter(json.loads(line)["concept"] for line in _captions(cfg, 20, rare=rare.rare).read_text().splitlines())
     assert counts["sandal"] == counts["shirt"] < counts["coat"] / 5, counts
     assert abs(sum(counts.values()) - 200) <= 10, "the same total as the uniform mix"
     runs = [{"row": r.name, "section": "curation", "x": None, "method": "stablerep", "seed": s, "train_seconds": 1.0,

@@ -23,6 +23,7 @@ and evaluations are skipped when complete, so a killed study resumes; the expect
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -152,13 +153,13 @@ class Data:
     guidance: float
     sigma: float | None = None
     redraw_below: float | None = None  # curation: redraw images whose agreement score is below this
-    rare: bool = False  # captions with the study's rare concepts at rare_weight
+    rare: str | None = None  # captions with rare concepts: a tag naming which concepts at which weight (see rare_tag)
 
     @property
     def name(self) -> str:
         views = "" if self.sigma is None else f"_latent_s{self.sigma:g}"
         curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}"
-        return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}{curated}{'_rare' if self.rare else ''}"
+        return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}{curated}{f'_rare-{self.rare}' if self.rare else ''}"
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,17 @@ def _data_root(cfg: StudyConfig) -> Path:
     return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
 
 
-def _captions(cfg: StudyConfig, per_concept: int, rare: bool = False) -> Path:
+def rare_tag(cfg: StudyConfig) -> str:
+    """A short name for the rare-concept mix (which concepts, which weight): data sets with another mix get other folders."""
+    return hashlib.sha256(json.dumps([sorted(cfg.rare_concepts), cfg.rare_weight]).encode()).hexdigest()[:8]
+
+
+def _captions(cfg: StudyConfig, per_concept: int, rare: str | None = None) -> Path:
     root = _data_root(cfg)
-    folder = root / f"captions_{per_concept}{'_rare' if rare else ''}"
+    folder = root / f"captions_{per_concept}{f'_rare-{rare}' if rare else ''}"
     weights = ""
     if rare:  # the same total, the rare concepts at rare_weight
-        weights = str(root / "rare_concepts.yaml")
+        weights = str(root / f"rare_concepts_{rare}.yaml")
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(weights), "".join(f"{c}: {cfg.rare_weight}\n" for c in cfg.rare_concepts))
     if not captions_stage.is_complete(folder):
@@ -246,7 +252,7 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
         rows += [Row("curation", "stablerep-uniform", None, "stablerep", main),
                  Row("curation", f"stablerep-redraw-below-{cfg.curate_threshold:g}", None, "stablerep",
                      dataclasses.replace(main, redraw_below=cfg.curate_threshold)),
-                 Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=True))]
+                 Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=rare_tag(cfg)))]
     return rows
 
 
