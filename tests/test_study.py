@@ -28,7 +28,8 @@ def test_study_sections_and_seeds_come_from_one_command_and_resume(tmp_path, fas
     assert "## methods" in text and "## images per caption" in text and "±" in text and "Reproduce" in text
     for section in ("methods", "images_per_caption"):
         assert (tmp_path / f"study_{section}.png").exists()
-    data = tmp_path / "data"
+    (data,) = (tmp_path / "data").iterdir()  # one folder per generator and caption source
+    assert data.name.startswith("template-embedded-")
     assert (data / "shards_c3_n2_g2" / "index.json").exists() and (data / "shards_c6_n1_g2" / "index.json").exists()
     before = (tmp_path / "rows" / "stablerep-synthetic" / "seed-1" / "row.json").read_text()
     run_study(cfg)  # everything complete: skipped, same runs

@@ -117,3 +117,19 @@ def test_eval_tasks_are_probed_on_the_same_features_with_aligned_labels(world, t
     assert result["tasks"]["fmnist-world:position"]["knn"]["top1"] > 60
     with pytest.raises(ValueError, match="tasks.*another labelling"):
         load_config(EvalConfig, None, ["dataset=fmnist-world", "tasks=[fashion-mnist]"])
+
+
+def test_world_captions_and_tasks_refuse_what_they_cannot_label(tmp_path):
+    from synrep.captions.stage import CaptionsConfig
+    from synrep.datasets import concept_list_of
+    from synrep.evaluation.stage import EvalConfig, evaluate
+
+    with pytest.raises(ValueError, match="concepts.*'world' writes captions for the 'fashion-mnist' concept list only"):
+        load_config(CaptionsConfig, None, ["backend=world", "concepts=imagenet-1k"])
+    assert concept_list_of("fmnist-world") == concept_list_of("fmnist-world:class") == concept_list_of("fashion-mnist") == "fashion-mnist"
+    assert concept_list_of("fmnist-world:pattern") is None and concept_list_of("mnist") is None
+    small = load_dataset("fmnist-world:class", "test")
+    cfg = load_config(EvalConfig, None, ["encoder=pixels", "dataset=fmnist-world", f"out_dir={tmp_path}", "protocols=[knn]",
+                                         "tasks=[fmnist-world:tone]"])
+    with pytest.raises(ValueError, match="passed in memory"):
+        evaluate(cfg, train=small, test=small)

@@ -175,15 +175,18 @@ def load_image_folder(root: str | Path, split: str | None = None) -> LabeledImag
 
 
 DATASETS = Registry("dataset", DatasetError)
-"""Labelled image datasets held in memory: ``factory(argument, split) -> LabeledImages``."""
-DATASETS.register("fashion-mnist", argument="<dir>", optional_argument=True,
+"""Labelled image datasets held in memory: ``factory(argument, split) -> LabeledImages``. Traits: ``concept_list``
+(the shipped concept list whose ``label`` fields are this dataset's classes), ``labellings`` (the argument names
+one of several labellings of the same images; the value is the labelling whose labels are the classes),
+``image_captions`` (a function giving every image's own caption)."""
+DATASETS.register("fashion-mnist", argument="<dir>", optional_argument=True, concept_list="fashion-mnist",
                   help="Fashion-MNIST (the Debian package's files, or the IDX files in <dir>)")(
     lambda root, split: load_fashion_mnist(split, root=root) if root else load_fashion_mnist(split))
 DATASETS.register("mnist", help="MNIST digits (the packaged copy)")(lambda _, split: load_mnist(split))
 DATASETS.register("fmnist-world", argument="<task>", optional_argument=True, pattern="class|tone|pattern|size|position|tilt|class-pattern",
                   help="Fashion-MNIST garments with measured/drawn attributes on a 40 px canvas, labelled by <task>: class "
                        "(default), tone, pattern, size, position, tilt or class-pattern (synrep.world)",
-                  image_captions=lambda split: _world_captions(split), labellings=True)(
+                  image_captions=lambda split: _world_captions(split), labellings="class", concept_list="fashion-mnist")(
     lambda task, split: _load_world(split, task))
 DATASETS.register("imagefolder", argument="<dir>", help="<dir>/<class>/<images>, or <dir>/<split>/<class>/<images>")(
     lambda root, split: load_image_folder(root, split))
@@ -199,6 +202,17 @@ def _world_captions(split: str) -> list[str]:
     from .world import world_captions
 
     return world_captions(split)
+
+
+def concept_list_of(spec: str) -> str | None:
+    """The shipped concept list whose labels are the class labels of ``spec`` (None: no such list, or the spec
+    names a labelling other than the classes, e.g. ``fmnist-world:pattern``)."""
+    if DATASETS.problem(spec) is not None:
+        return None
+    traits = DATASETS.traits(spec)
+    if traits.get("labellings") and spec.partition(":")[2] not in ("", traits["labellings"]):
+        return None
+    return traits.get("concept_list")
 
 
 def image_captions(name: str, split: str = "train") -> list[str] | None:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,12 @@ from .captions.llm_backends import CAPTION_BACKENDS
 from .captions.concepts import load_concepts
 from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
+from .datasets import DATASETS, concept_list_of
 from .errors import SynrepError
 from .evaluation.stage import EvalConfig, evaluate, is_labelling_of
 from .generate import stage as generate_stage
 from .generate.curation import CurationConfig
+from .sources import SOURCES
 from .generate.generators import GENERATORS
 from .generate.stage import GenerateConfig, run_generate
 from .plots import save_bar_chart, save_curve
@@ -73,6 +76,7 @@ WORLD_TASKS = ["fmnist-world:pattern", "fmnist-world:class-pattern", "fmnist-wor
 STUDY_PRESETS: dict[str, dict] = {
     "fashion-mnist": {},
     "world": {"out_dir": "runs/study-world", "generator": "embedded-world", "caption_backend": "world",
+              "curate_classifier": "fmnist-world:class",
               "caption_mix": [1.0, 0.0, 0.0], "caption_dedup": "text", "captions_per_concept": 80,
               "caption_scaling": [20, 40, 80, 320], "backbone.image_size": 40, "backbone.patch_size": 8,
               "eval.dataset": "fmnist-world:class", "eval_tasks": WORLD_TASKS},
@@ -137,6 +141,10 @@ class StudyConfig:
         require(0 <= self.curate_threshold <= 1, "curate_threshold", f"must be in [0, 1], got {self.curate_threshold}")
         require(0 < self.rare_weight <= 1, "rare_weight", f"must be in (0, 1] (the others weigh 1), got {self.rare_weight}")
         require(bool(self.rare_concepts) or "curation" not in self.sections, "rare_concepts", "is empty; name one or more concepts")
+        for key, specs in (("curate_classifier", [self.curate_classifier]), ("eval_tasks", self.eval_tasks)):
+            for spec in specs:
+                problem = None if spec.partition(":")[0] in SOURCES else DATASETS.problem(spec)
+                require(problem is None, key, problem or "")
         known = [c.name for c in load_concepts(CaptionsConfig().concepts).concepts]
         unknown = [c for c in self.rare_concepts if c not in known]
         require(not unknown, "rare_concepts", f"{', '.join(map(repr, unknown))} not in the concept list; choose from {', '.join(known)}")
@@ -153,12 +161,13 @@ class Data:
     guidance: float
     sigma: float | None = None
     redraw_below: float | None = None  # curation: redraw images whose agreement score is below this
+    judge: str = ""  # curation: the real data set the agreement classifier learned from
     rare: str | None = None  # captions with rare concepts: a tag naming which concepts at which weight (see rare_tag)
 
     @property
     def name(self) -> str:
         views = "" if self.sigma is None else f"_latent_s{self.sigma:g}"
-        curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}"
+        curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}-{re.sub(r'[^A-Za-z0-9._-]+', '-', self.judge)}"
         return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}{curated}{f'_rare-{self.rare}' if self.rare else ''}"
 
 
@@ -174,10 +183,16 @@ class Row:
     groups_per_batch: int | None = None
     images_per_group: int | None = None
     views: int | None = None
+    run_as: str | None = None  # the row whose runs this row shares (same method, data and batch shape); None = its own
 
 
 def _data_root(cfg: StudyConfig) -> Path:
-    return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data"
+    """Where the data sets live: one folder per generator and caption source, so studies sharing ``data_dir`` with
+    other generators or captions never reuse each other's images."""
+    source = [cfg.generator, cfg.caption_backend, list(cfg.caption_mix), cfg.caption_dedup]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{cfg.caption_backend}-{cfg.generator}")[:40]
+    tag = hashlib.sha256(json.dumps(source).encode()).hexdigest()[:6]
+    return (Path(cfg.data_dir) if cfg.data_dir else Path(cfg.out_dir) / "data") / f"{readable}-{tag}"
 
 
 def rare_tag(cfg: StudyConfig) -> str:
@@ -204,7 +219,7 @@ def _shards(cfg: StudyConfig, data: Data) -> str:
     folder = _data_root(cfg) / f"shards_{data.name}"
     if not generate_stage.is_complete(folder):
         curate = CurationConfig() if data.redraw_below is None else \
-            CurationConfig(mode="redraw", threshold=data.redraw_below, classifier_dataset=cfg.curate_classifier,
+            CurationConfig(mode="redraw", threshold=data.redraw_below, classifier_dataset=data.judge,
                            cache_dir=str(_data_root(cfg) / "curation"))
         run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions, data.rare)), out_dir=str(folder),
                                     images_per_caption=data.images, generator=cfg.generator,
@@ -249,9 +264,9 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
             shape = single if n == 1 else dict(groups_per_batch=max(1, batch // n), images_per_group=n)
             rows.append(Row("images_per_caption", f"stablerep-n{n}", n, "stablerep", data, **shape))
     if "curation" in cfg.sections:
-        rows += [Row("curation", "stablerep-uniform", None, "stablerep", main),
+        rows += [Row("curation", "stablerep-uniform", None, "stablerep", main, run_as="stablerep-synthetic"),
                  Row("curation", f"stablerep-redraw-below-{cfg.curate_threshold:g}", None, "stablerep",
-                     dataclasses.replace(main, redraw_below=cfg.curate_threshold)),
+                     dataclasses.replace(main, redraw_below=cfg.curate_threshold, judge=cfg.curate_classifier)),
                  Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=rare_tag(cfg)))]
     return rows
 
@@ -268,10 +283,16 @@ def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
 
 
 def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
-    folder = Path(cfg.out_dir) / "rows" / row.name / f"seed-{seed}"
+    folder = Path(cfg.out_dir) / "rows" / (row.run_as or row.name) / f"seed-{seed}"
     done = folder / "row.json"
+    data_name = row.data.name if isinstance(row.data, Data) else (row.data or "-")
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("data") == data_name and result.get("data_root", str(_data_root(cfg))) == str(_data_root(cfg)):
+            return {**result, "row": row.name, "section": row.section, "x": row.x}
+        LOG.warning("study row %s seed %d: the finished run in %s used other data (%s); running it again", row.name, seed,
+                    folder, result.get("data"))
+        done.unlink()
     start, train_seconds = time.time(), 0.0
     if row.method is None:
         encoder = "pixels" if row.name == "raw-pixels" else f"random:{cfg.backbone.name}"
@@ -301,7 +322,7 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
             per_class = {int(k): v for k, v in r.get("linear", {}).get("per_class_top1", {}).items()}
     rare = [per_class[label] for label in _rare_labels(cfg) if label in per_class]
     result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
-              "data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "encoder": encoder, "scores": scores,
+              "data": data_name, "data_root": str(_data_root(cfg)), "encoder": encoder, "scores": scores,
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
               "rare_linear_top1": float(np.mean(rare)) if rare else None,
               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
@@ -311,8 +332,12 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
 
 
 def _rare_labels(cfg: StudyConfig) -> list[int]:
-    """The headline dataset's class labels of the study's rare concepts (the concept list's ``label`` field)."""
-    label_of = {c.name: c.label for c in load_concepts(CaptionsConfig().concepts).concepts}
+    """The headline dataset's class labels of the study's rare concepts (the concept list's ``label`` field); none
+    when the headline dataset's classes are not the concept list's (e.g. an attribute task)."""
+    concepts = CaptionsConfig().concepts
+    if concept_list_of(cfg.eval.dataset) != concepts:
+        return []
+    label_of = {c.name: c.label for c in load_concepts(concepts).concepts}
     return [label_of[c] for c in cfg.rare_concepts if label_of.get(c) is not None]
 
 

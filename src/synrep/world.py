@@ -150,7 +150,8 @@ def attribute_combinations() -> list[dict[str, str]]:
 
 def planned_caption(class_name: str, seed: int, index: int) -> str:
     """Caption number ``index`` of a class in a captions plan: the classes' attribute combinations in a seeded
-    order, so the first 360 captions of a class are all different and every attribute value is equally common."""
+    order, so the first 360 captions of a class are all different and every attribute value about equally common
+    (exactly, over all 360)."""
     combos = attribute_combinations()
     order = np.random.default_rng(stable_seed("world-captions", seed, class_name)).permutation(len(combos))
     return caption(combos[order[index % len(combos)]], class_name)

@@ -312,7 +312,8 @@ def _chat(chat: str) -> bool | None:
 CAPTION_BACKENDS = Registry("caption backend", BackendError)
 """Every caption backend: ``factory(argument, settings, **options)`` returns an object with ``name`` and
 ``generate(requests) -> list[str | Failed]``. Traits: ``language_model`` (it writes text itself, so it can
-write backgrounds and takes in-context examples) and ``remote`` (requests go to a server)."""
+write backgrounds and takes in-context examples), ``remote`` (requests go to a server) and ``concept_list`` (the
+only concept list the backend can write for)."""
 
 
 @CAPTION_BACKENDS.register("template", help="fills SynCLR's caption templates from the concept list (no model)",
@@ -324,7 +325,7 @@ def _template(_, settings: SamplingSettings, **options):
 
 
 @CAPTION_BACKENDS.register("world", help="captions of the attribute world (class + tone, pattern, size, position, tilt; no model)",
-                           language_model=False, remote=False)
+                           language_model=False, remote=False, concept_list="fashion-mnist")
 def _world(_, settings: SamplingSettings, seed: int = 0, **options):
     from .world_backend import WorldCaptionBackend
 

@@ -133,6 +133,9 @@ class CaptionsConfig:
                 f"'llm' needs a language-model backend ({', '.join(CAPTION_BACKENDS.names_with('language_model'))}), "
                 f"not {self.backend!r}")
         require(bool(self.api_key_env), "api_key_env", "is empty; name the environment variable holding the API key")
+        only = CAPTION_BACKENDS.traits(self.backend).get("concept_list")
+        require(only in (None, self.concepts), "concepts", f"backend {self.backend!r} writes captions for the {only!r} concept list only, "
+                f"not {self.concepts!r}")
 
 
 def validate(cfg: CaptionsConfig) -> None:

@@ -29,7 +29,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..utils import bound_heap_growth, set_threads
 from .features import (FeatureCacheError, SplitFeatures, dataset_identity, known_labels, resolve_encoder, split_features,
                        stratified_subset)
-from .probes import DEFAULT_CS, Rows, few_shot, knn_classify, linear_probe, resolve_device
+from .probes import DEFAULT_CS, ProbeError, Rows, few_shot, knn_classify, linear_probe, resolve_device
 
 LOG = logging.getLogger("synrep.eval")
 PROTOCOLS = ("linear", "knn", "fewshot")
@@ -170,6 +170,12 @@ def evaluate(cfg: EvalConfig, train: LabeledImages | Source | None = None, test:
                "feature_cache": {"train": tr.summary(), "test": te.summary()}}
     results["protocol_seconds"] = _run_protocols(cfg, results, train_x, train_y, test_x, te.labels, device)
     if cfg.tasks:
+        if any(given.values()):
+            raise ProbeError("tasks label the images of dataset=" + repr(cfg.dataset) + "; they cannot be used with train/test "
+                            "data passed in memory")
+        if not np.array_equal(known_labels(source(cfg.test_split)), te.labels):
+            raise FeatureCacheError(f"feature cache {te.folder}: its labels do not match {cfg.dataset} {cfg.test_split}; "
+                                    "delete the cache to rebuild it")
         results["tasks"] = {}
         positions = _train_positions(cfg, tr, lambda: source(cfg.train_split))
         for task in cfg.tasks:
