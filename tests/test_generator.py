@@ -110,3 +110,29 @@ def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_pat
     wrong = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'w'}", "dataset=fmnist-world", "steps=1", "limit_images=8"])
     with pytest.raises(Exception, match="model expects"):
         train_generator(wrong)
+
+
+def test_shipped_world_generator_draws_where_size_and_pattern_the_caption_says():
+    """The attribute world's shipped model: the caption moves the garment, scales it and lays the pattern."""
+    from synrep.embedded_t2i.model import shipped_world_generator_dir
+    from synrep.generate.generators import make_generator
+
+    if not (shipped_world_generator_dir() / "synrep_generator.json").exists():
+        pytest.fail("the shipped attribute-world generator is missing from the package")
+    gen = make_generator("embedded-world").model
+    assert gen.cfg.image_size == 40
+    n = 6
+    groups = ["a large light plain bag in the top left", "a large light plain bag in the bottom right",
+              "a small light plain bag in the centre", "a large light plain bag in the centre", "a large light striped bag in the centre"]
+    noise = torch.randn(len(groups) * n, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    images = gen.sample([g for g in groups for _ in range(n)], noise, 2.0, 10)[:, 0].numpy()
+    top_left, bottom_right, small, plain, striped = (slice(i * n, (i + 1) * n) for i in range(len(groups)))
+    ink = images > 0.25
+    rows, cols = np.arange(40)[None, :, None], np.arange(40)[None, None, :]
+    mass = np.maximum(ink.sum((1, 2)), 1)
+    centre_row, centre_col = (ink * rows).sum((1, 2)) / mass, (ink * cols).sum((1, 2)) / mass
+    assert centre_row[top_left].mean() + 6 < centre_row[bottom_right].mean()
+    assert centre_col[top_left].mean() + 6 < centre_col[bottom_right].mean()
+    assert ink[small].sum((1, 2)).mean() < 0.75 * ink[plain].sum((1, 2)).mean(), "small garments cover less of the canvas"
+    row_contrast = lambda sel: np.abs(np.diff(images[sel], axis=1)).mean()
+    assert row_contrast(striped) > 1.2 * row_contrast(plain), "stripes add row-to-row contrast"

@@ -145,6 +145,9 @@ class StudyConfig:
             for spec in specs:
                 problem = None if spec.partition(":")[0] in SOURCES else DATASETS.problem(spec)
                 require(problem is None, key, problem or "")
+        require(len(set(self.eval_tasks)) == len(self.eval_tasks) and self.eval.dataset not in self.eval_tasks, "eval_tasks",
+                f"must be distinct and other than eval.dataset ({self.eval.dataset!r}), got {self.eval_tasks}")
+        require(not self.eval.tasks, "eval.tasks", "is set by the study from eval_tasks; list the tasks there")
         known = [c.name for c in load_concepts(CaptionsConfig().concepts).concepts]
         unknown = [c for c in self.rare_concepts if c not in known]
         require(not unknown, "rare_concepts", f"{', '.join(map(repr, unknown))} not in the concept list; choose from {', '.join(known)}")

@@ -108,7 +108,11 @@ def _lr_at(step: int, cfg: GeneratorTrainConfig) -> float:
 
 
 def model_card(cfg: GeneratorTrainConfig, step: int, wall_s: float, data_hash: str, losses: list[float], n_images: int) -> str:
-    overrides = " ".join(f"{k}={v}" for k, v in [("steps", step), ("seed", cfg.seed), ("batch_size", cfg.batch_size), ("lr", cfg.lr)])
+    default = GeneratorTrainConfig()
+    keys = [("steps", step), ("seed", cfg.seed), ("batch_size", cfg.batch_size), ("lr", cfg.lr)]
+    keys += [(k, v) for k, v in [("dataset", cfg.dataset), ("model.image_size", cfg.model.image_size)]
+             if v != {"dataset": default.dataset, "model.image_size": default.model.image_size}[k]]
+    overrides = " ".join(f"{k}={v}" for k, v in keys)
     return f"""# synrep embedded generator
 
 A small text-conditional diffusion model (diffusers `UNet2DConditionModel`, pixel space
