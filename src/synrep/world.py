@@ -148,10 +148,17 @@ def attribute_combinations() -> list[dict[str, str]]:
     return combos
 
 
+@lru_cache(maxsize=64)
+def _planned_order(seed: int, class_name: str) -> tuple[str, ...]:
+    """A class's 360 captions in its seeded plan order (built once per class, not per caption)."""
+    combos = attribute_combinations()
+    order = np.random.default_rng(stable_seed("world-captions", seed, class_name)).permutation(len(combos))
+    return tuple(caption(combos[i], class_name) for i in order)
+
+
 def planned_caption(class_name: str, seed: int, index: int) -> str:
     """Caption number ``index`` of a class in a captions plan: the classes' attribute combinations in a seeded
     order, so the first 360 captions of a class are all different and every attribute value about equally common
     (exactly, over all 360)."""
-    combos = attribute_combinations()
-    order = np.random.default_rng(stable_seed("world-captions", seed, class_name)).permutation(len(combos))
-    return caption(combos[order[index % len(combos)]], class_name)
+    plan = _planned_order(seed, class_name)
+    return plan[index % len(plan)]

@@ -110,8 +110,8 @@ def _lr_at(step: int, cfg: GeneratorTrainConfig) -> float:
 def model_card(cfg: GeneratorTrainConfig, step: int, wall_s: float, data_hash: str, losses: list[float], n_images: int) -> str:
     default = GeneratorTrainConfig()
     keys = [("steps", step), ("seed", cfg.seed), ("batch_size", cfg.batch_size), ("lr", cfg.lr)]
-    keys += [(k, v) for k, v in [("dataset", cfg.dataset), ("model.image_size", cfg.model.image_size)]
-             if v != {"dataset": default.dataset, "model.image_size": default.model.image_size}[k]]
+    keys += [(k, v) for k, v, usual in [("dataset", cfg.dataset, default.dataset),
+                                        ("model.image_size", cfg.model.image_size, default.model.image_size)] if v != usual]
     overrides = " ".join(f"{k}={v}" for k, v in keys)
     return f"""# synrep embedded generator
 
