@@ -155,3 +155,11 @@ def test_synrep_errors_keep_their_builtin_base():
     assert issubclass(StreamError, SynrepError) and issubclass(StreamError, RuntimeError)
     assert issubclass(ShardError, RuntimeError) and issubclass(GenerateError, RuntimeError)
     assert issubclass(SettingsChanged, ValueError)
+
+
+def test_help_piped_into_a_reader_that_stops_early_is_quiet():
+    """`synrep train --help | head -1`: the closed pipe is not a traceback."""
+    shell = f"{sys.executable} -m synrep.cli train --help | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("usage: synrep train")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -88,6 +89,7 @@ class _HelpWithKeys(argparse.Action):
         print("\nconfig keys (key=value; nested keys with dots):")
         for key, kind, default, meaning in rows:
             print(f"  {key.ljust(width)}  {kind}, default {default}" + (f": {meaning}" if meaning else ""))
+        sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at interpreter exit
         parser.exit()
 
 
@@ -131,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     full, permission denied), and propagates with its traceback (exit code 1).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `synrep train --help | head`: the reader closed the pipe before the help ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     setup_logging(env_dist_info().rank)
     if not args.command:
         parser.print_help()
