@@ -105,6 +105,8 @@ def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_pat
     assert set(tasks) == {"class", "tone", "pattern", "size", "position", "tilt"}
     assert all(0 <= t["fidelity"] <= 100 and t["chance"] > 0 for t in tasks.values())
     assert tasks["position"]["classifier_real_test_top1"] > 2 * tasks["position"]["chance"], "position is easy to read from real images"
+    assert tasks["position"]["classifier_noisy_real_test_top1"] > 2 * tasks["position"]["chance"], \
+        "trained with randomised backgrounds, the classifier still reads real images put on grey noise"
     assert "Per-attribute fidelity" in (tmp_path / "fid" / "fidelity.md").read_text()
     assert (tmp_path / "fid" / "attribute_samples.png").exists()
     wrong = load_config(GeneratorTrainConfig, None, [f"out_dir={tmp_path / 'w'}", "dataset=fmnist-world", "steps=1", "limit_images=8"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -37,9 +38,7 @@ def save_image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]], row_
             ax.set_xticks([])
             ax.set_yticks([])
         if row_labels:
-            text = row_labels[r]
-            if len(text) > 48:
-                text = text[:45] + "..."
+            text = "\n".join(textwrap.wrap(row_labels[r], 44, max_lines=2, placeholder="..."))  # whole captions, two lines
             fig.text(0.01, 1 - ((r + 0.5) * cell_inches + (0.4 if title else 0.05)) / fig.get_figheight(), text,
                      fontsize=7, va="center")
     if title:
