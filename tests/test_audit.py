@@ -438,3 +438,22 @@ def test_copies_stored_at_another_size_and_format_are_found(classifier_dir, tmp_
     assert (20, 0) in flagged and (20, 1) in flagged
     assert flagged[(20, 0)]["train_index"] == 7 and flagged[(20, 1)]["train_index"] == 8
     assert len(set(flagged) - {(20, 0), (20, 1)}) <= 4
+
+
+def test_classifier_trained_on_noisy_backgrounds_reads_noisy_images_better(fmnist, tmp_path):
+    """`classifier_backgrounds=noisy` (generators that draw grey, noisy backgrounds): the classifier then reads real
+    test images put on such backgrounds far better than one trained on clean black backgrounds only."""
+    import torch
+
+    from synrep.audit.classifier import ClassifierSpec, load_or_train, to_input
+    from synrep.images import randomise_background
+
+    spec, _, test = fmnist
+    x = randomise_background(to_input(test.images[:1000]), torch.Generator().manual_seed(0), p=1.0)
+    accuracy = {}
+    for backgrounds in ("clean", "noisy"):
+        loaded = load_or_train(ClassifierSpec(spec, 4000, 2, 8, 0, backgrounds), tmp_path)
+        assert loaded.folder.name.endswith("-noisy") == (backgrounds == "noisy"), "each kind is cached apart"
+        with torch.no_grad():
+            accuracy[backgrounds] = float((loaded.model(x).argmax(1).numpy() == test.labels[:1000]).mean())
+    assert accuracy["noisy"] > accuracy["clean"] + 0.1 and accuracy["noisy"] > 0.5, accuracy

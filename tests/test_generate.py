@@ -247,6 +247,12 @@ def test_curation_drops_or_redraws_images_below_the_agreement_threshold(random_g
     groups = [sample for shard in list_shards(tmp_path / "a") for sample in read_shard(shard)]
     scores = [s for g in groups for s in g.meta["agreement"] if s is not None]
     assert scores and all(g.meta["curation"] == {"mode": mode, "threshold": 0.3} for g in groups)
+    totals = json.loads((tmp_path / "a" / "generate_summary.json").read_text())["curation"]
+    dropped = 6 * 4 - sum(len(g.images) for g in groups)  # a caption whose images all fail leaves no group
+    redrawn = sum(r > 0 for g in groups for r in g.meta.get("redraws", []))
+    assert (totals["scored"], totals["dropped"], totals["redrawn"]) == (6 * 4, dropped, redrawn), totals
+    assert totals["passing"] == sum(s >= 0.3 for g in groups for s in g.meta["agreement"] if s is not None)
+    assert totals["failed_first_draw"] >= max(dropped, redrawn) and totals["mode"] == mode
     if mode == "drop":  # a random generator draws noise: most images fail and are left out, and the meta says which
         kept = sum(len(g.images) for g in groups)
         assert kept < 6 * 4 and all(len(g.images) == 4 - len(g.meta["dropped"]) for g in groups)

@@ -75,6 +75,9 @@ def test_world_preset_sets_the_worlds_generator_captions_and_tasks_under_explici
     fashion = load_config(StudyConfig, None, [])
     assert expected_seconds(cfg, plan_rows(cfg)) != expected_seconds(fashion, plan_rows(fashion))
     assert load_config(StudyConfig, None, ["preset=world", "generator=embedded"]).generator == "embedded"
+    world_judge = plan_rows(load_config(StudyConfig, None, ["preset=world", "sections=[curation]"]))[1].data
+    assert world_judge.judge_backgrounds == "noisy" and world_judge.name.endswith("-noisy"), \
+        "the world's generator draws grey, noisy backgrounds: its curation classifier learns them too"
     with pytest.raises(ValueError, match="caption_backend"):
         load_config(StudyConfig, None, ["caption_backend=gpt"])
 

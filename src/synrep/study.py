@@ -76,7 +76,7 @@ WORLD_TASKS = ["fmnist-world:pattern", "fmnist-world:class-pattern", "fmnist-wor
 STUDY_PRESETS: dict[str, dict] = {
     "fashion-mnist": {},
     "world": {"out_dir": "runs/study-world", "generator": "embedded-world", "caption_backend": "world",
-              "curate_classifier": "fmnist-world:class",
+              "curate_classifier": "fmnist-world:class", "curate_backgrounds": "noisy",
               "caption_mix": [1.0, 0.0, 0.0], "caption_dedup": "text", "captions_per_concept": 80,
               "caption_scaling": [20, 40, 80, 320], "backbone.image_size": 40, "backbone.patch_size": 8,
               "eval.dataset": "fmnist-world:class", "eval_tasks": WORLD_TASKS},
@@ -105,6 +105,7 @@ class StudyConfig:
     images_per_caption_scaling: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # at captions_per_concept x images_per_caption images
     curate_threshold: float = 0.5  # curation section: images whose agreement score is below this are redrawn
     curate_classifier: str = "fashion-mnist"  # curation section: real data the agreement classifier learns from
+    curate_backgrounds: Literal["clean", "noisy"] = "clean"  # curation section: noisy = the classifier also learns grey, noisy backgrounds (world: its generator draws them)
     rare_concepts: list[str] = field(default_factory=lambda: ["sandal", "shirt", "pullover"])  # curation section: concepts made rare
     rare_weight: float = 0.1  # curation section: the rare concepts' caption weight (the others have 1; same total)
     steps: int = 500
@@ -165,12 +166,14 @@ class Data:
     sigma: float | None = None
     redraw_below: float | None = None  # curation: redraw images whose agreement score is below this
     judge: str = ""  # curation: the real data set the agreement classifier learned from
+    judge_backgrounds: str = "clean"  # curation: noisy = that classifier also learned grey, noisy backgrounds
     rare: str | None = None  # captions with rare concepts: a tag naming which concepts at which weight (see rare_tag)
 
     @property
     def name(self) -> str:
         views = "" if self.sigma is None else f"_latent_s{self.sigma:g}"
-        curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}-{re.sub(r'[^A-Za-z0-9._-]+', '-', self.judge)}"
+        curated = "" if self.redraw_below is None else f"_redraw{self.redraw_below:g}-{re.sub(r'[^A-Za-z0-9._-]+', '-', self.judge)}" + \
+            ("-noisy" if self.judge_backgrounds == "noisy" else "")
         return f"c{self.captions}_n{self.images}_g{self.guidance:g}{views}{curated}{f'_rare-{self.rare}' if self.rare else ''}"
 
 
@@ -223,7 +226,7 @@ def _shards(cfg: StudyConfig, data: Data) -> str:
     if not generate_stage.is_complete(folder):
         curate = CurationConfig() if data.redraw_below is None else \
             CurationConfig(mode="redraw", threshold=data.redraw_below, classifier_dataset=data.judge,
-                           cache_dir=str(_data_root(cfg) / "curation"))
+                           classifier_backgrounds=data.judge_backgrounds, cache_dir=str(_data_root(cfg) / "curation"))
         run_generate(GenerateConfig(captions=str(_captions(cfg, data.captions, data.rare)), out_dir=str(folder),
                                     images_per_caption=data.images, generator=cfg.generator,
                                     guidance_scale=data.guidance, views="independent" if data.sigma is None else "latent",
@@ -269,7 +272,8 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
     if "curation" in cfg.sections:
         rows += [Row("curation", "stablerep-uniform", None, "stablerep", main, run_as="stablerep-synthetic"),
                  Row("curation", f"stablerep-redraw-below-{cfg.curate_threshold:g}", None, "stablerep",
-                     dataclasses.replace(main, redraw_below=cfg.curate_threshold, judge=cfg.curate_classifier)),
+                     dataclasses.replace(main, redraw_below=cfg.curate_threshold, judge=cfg.curate_classifier,
+                                         judge_backgrounds=cfg.curate_backgrounds)),
                  Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=rare_tag(cfg)))]
     return rows
 

@@ -18,6 +18,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..datasets import LabeledImages, load_dataset
+from ..images import randomise_background
 from ..atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 LOG = logging.getLogger("synrep.audit")
@@ -38,10 +40,11 @@ class ClassifierSpec:
     epochs: int
     width: int  # channels of the first conv layer
     seed: int
+    backgrounds: Literal["clean", "noisy"] = "clean"  # noisy: half of each batch on a random grey, noisy background
 
     def folder_name(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.dataset).strip("_")[:40]
-        return f"{slug}-n{self.train_size}-e{self.epochs}-w{self.width}-s{self.seed}"
+        return f"{slug}-n{self.train_size}-e{self.epochs}-w{self.width}-s{self.seed}{'-noisy' if self.backgrounds == 'noisy' else ''}"
 
 
 class ReferenceClassifier(nn.Module):
@@ -123,7 +126,10 @@ def _train(spec: ClassifierSpec, train: LabeledImages, device: str) -> Reference
         order = torch.randperm(len(rows), generator=g).numpy()
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            loss = nn.functional.cross_entropy(model(to_input(x[idx], device)), y[idx].to(device))
+            batch_x = to_input(x[idx])
+            if spec.backgrounds == "noisy":  # so that it reads generated images drawn on grey, noisy backgrounds
+                batch_x = randomise_background(batch_x, g)
+            loss = nn.functional.cross_entropy(model(batch_x.to(device)), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ class AuditConfig:
     classifier_train_size: int = 20000  # real train images the classifier learns from, a seeded random subset (0 = all)
     classifier_epochs: int = 2  # classifier training epochs over those images
     classifier_width: int = 16  # channels of the classifier's first conv layer (its second has twice as many)
+    classifier_backgrounds: Literal["clean", "noisy"] = "clean"  # noisy: trained with half its images on grey, noisy backgrounds (for generators that draw them, e.g. embedded-world)
     agreement_threshold: float = 0.5  # flag an image as a caption mismatch when its agreement score is below this (in [0, 1])
     copy_quantile: float = 0.01  # near-copy threshold = this quantile of real-test -> train nearest distances (in [0, 1])
     copy_threshold: float = 0.0  # a fixed near-copy RMS pixel distance in [0, 1] instead (0 = use copy_quantile)
@@ -195,7 +197,7 @@ def cache_key(cfg: AuditConfig) -> str:
     """Settings that change a per-shard part (not thresholds, mixes or list lengths: those act at the merge)."""
     s = settings_of(cfg)
     keys = ("data", "scorer", "dataset", "concepts", "classifier_train_size", "classifier_epochs", "classifier_width",
-            "seed", "grid_size", "diversity_sample")
+            "classifier_backgrounds", "seed", "grid_size", "diversity_sample")
     return _hash({k: s[k] for k in keys})[:16]
 
 
@@ -243,7 +245,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     cache = outputs(out)["cache"] / cache_key(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     classifier = load_or_train(ClassifierSpec(cfg.dataset, cfg.classifier_train_size, cfg.classifier_epochs,
-                                              cfg.classifier_width, cfg.seed),
+                                              cfg.classifier_width, cfg.seed, cfg.classifier_backgrounds),
                                cfg.classifier_dir or out / "classifier", device)
     via = stored_shape(source.image_shape, classifier.image_shape)
     bank = classifier.train.images if via is None else roundtrip(classifier.train.images, via, "train images")

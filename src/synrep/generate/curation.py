@@ -30,6 +30,7 @@ class CurationConfig:
     classifier_dataset: str = "fashion-mnist"  # real data the agreement classifier is trained on (its train split)
     classifier_train_size: int = 0  # real train images for the classifier (0 = all)
     classifier_epochs: int = 2
+    classifier_backgrounds: Literal["clean", "noisy"] = "clean"  # noisy: the classifier also learns grey, noisy backgrounds (generators that draw them)
     concepts: str = "fashion-mnist"  # concept list that maps each caption concept to the classifier's class (its label field)
     cache_dir: str = ""  # where the trained classifier is kept ("" = <out_dir>/curation)
 
@@ -48,7 +49,7 @@ class Curator:
         from ..captions.concepts import load_concepts
 
         self.cfg = cfg
-        spec = ClassifierSpec(cfg.classifier_dataset, cfg.classifier_train_size, cfg.classifier_epochs, 16, 0)
+        spec = ClassifierSpec(cfg.classifier_dataset, cfg.classifier_train_size, cfg.classifier_epochs, 16, 0, cfg.classifier_backgrounds)
         self.classifier = load_or_train(spec, Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "curation", device)
         self.label_of = {c.name: c.label for c in load_concepts(cfg.concepts).concepts}
         self.device = device
@@ -70,6 +71,39 @@ class Curator:
 
     def passes(self, scores: np.ndarray) -> np.ndarray:
         return np.isnan(scores) | (scores >= self.cfg.threshold)
+
+
+OUTCOMES = ("scored", "failed_first_draw", "redrawn", "passing", "dropped")
+
+
+def new_counts() -> dict[str, int]:
+    """Per-shard curation counters (kept in the shard's done-marker): images ``scored`` (their concept has a class),
+    those that ``failed_first_draw``, were ``redrawn`` (a later draw kept), end ``passing`` the threshold, or were
+    ``dropped``."""
+    return dict.fromkeys(OUTCOMES, 0)
+
+
+def count_outcomes(counts: dict[str, int], curator: Curator, first_scores: np.ndarray, final_scores: np.ndarray,
+                   redraws: np.ndarray, keep: np.ndarray) -> None:
+    """Add one chunk's outcomes to ``counts``; the arrays are ``[B]`` over the chunk's images."""
+    scored = ~np.isnan(first_scores)
+    counts["scored"] += int(scored.sum())
+    counts["failed_first_draw"] += int((scored & ~curator.passes(first_scores)).sum())
+    counts["redrawn"] += int((redraws > 0).sum())
+    counts["passing"] += int((scored & curator.passes(final_scores)).sum())
+    counts["dropped"] += int((~keep).sum())
+
+
+def curation_totals(cfg: CurationConfig, markers: list[dict]) -> dict:
+    """The shard markers' counts summed, with the pass rates before and after curation (%)."""
+    totals = new_counts()
+    for marker in markers:
+        for key, value in marker.get("curation", {}).items():
+            totals[key] = totals.get(key, 0) + int(value)
+    scored = max(totals["scored"], 1)
+    return {"mode": cfg.mode, "threshold": cfg.threshold, **totals,
+            "pass_rate_first_draw": round(100 * (1 - totals["failed_first_draw"] / scored), 2),
+            "pass_rate_kept": round(100 * totals["passing"] / max(totals["scored"] - totals["dropped"], 1), 2)}
 
 
 def redraw_seed(run_seed: int, caption_id: int, image: int, attempt: int) -> int:

@@ -32,10 +32,10 @@ from ..config import changed_settings, check_config, config_to_dict, read_yaml, 
 from ..distributed import barrier, init_distributed
 from ..errors import SettingsChanged, SynrepError
 from ..plots import save_image_grid
-from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, read_shard, shard_done, shard_name, write_index
+from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, marker_path, read_shard, shard_done, shard_name, write_index
 from ..atomic import atomic_write_json, remove_stale_temps
 from ..utils import set_threads, stable_seed
-from .curation import CurationConfig, Curator, redraw_noise, redraw_seed
+from .curation import CurationConfig, Curator, count_outcomes, curation_totals, new_counts, redraw_noise, redraw_seed
 from .generators import GENERATORS, DrawSettings, GeneratorSpecError, make_generator
 
 LOG = logging.getLogger("synrep.generate")
@@ -163,12 +163,14 @@ def _settings(cfg: GenerateConfig) -> DrawSettings:
 
 
 def _curate(cfg: GenerateConfig, generator, settings: DrawSettings, curator: Curator, chunk: list[dict], images: np.ndarray,
-            provenance: list[dict], shape: tuple[int, ...]) -> list[tuple[np.ndarray, dict]]:
+            provenance: list[dict], shape: tuple[int, ...], counts: dict[str, int]) -> list[tuple[np.ndarray, dict]]:
     """Score a chunk's images ``[C * n, H, W, ch]``; drop or redraw the failing ones. Returns, per caption, the images
-    to keep and the provenance to add (scores, redraws, dropped image numbers)."""
+    to keep and the provenance to add (scores, redraws, dropped image numbers); adds to ``counts``
+    (:func:`curation.count_outcomes`)."""
     n = cfg.images_per_caption
     concepts = [rec.get("concept", "") for rec in chunk for _ in range(n)]
     scores = curator.scores(images, concepts)
+    first_scores = scores
     redraws = np.zeros(len(images), dtype=int)
     if cfg.curate.mode == "redraw":
         best_images, best_scores = images.copy(), scores.copy()
@@ -191,6 +193,7 @@ def _curate(cfg: GenerateConfig, generator, settings: DrawSettings, curator: Cur
                 best_images[failing[k]], best_scores[failing[k]], redraws[failing[k]] = drawn[k], new_scores[k], attempt
         images, scores = best_images, best_scores
     keep = curator.passes(scores) if cfg.curate.mode == "drop" else np.ones(len(images), bool)
+    count_outcomes(counts, curator, first_scores, scores, redraws, keep)
     out = []
     for k in range(len(chunk)):
         rows = np.arange(k * n, (k + 1) * n)
@@ -214,7 +217,9 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
     tar_writer = ThreadPoolExecutor(max_workers=1) if cfg.writer_threads else None  # one thread: members stay in order
     pending: list[Future] = []
     written = 0
-    with ShardWriter(path, cfg.image_format, extra_stats={"first_caption": records[0]["id"], "last_caption": records[-1]["id"]}) as writer:
+    counts = new_counts()
+    stats = {"first_caption": records[0]["id"], "last_caption": records[-1]["id"], **({"curation": counts} if curator else {})}
+    with ShardWriter(path, cfg.image_format, extra_stats=stats) as writer:  # counts are filled in before the marker is written
         try:
             for start in range(0, len(records), cfg.batch_captions):
                 chunk = records[start:start + cfg.batch_captions]
@@ -225,7 +230,7 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
                     provenance.append(prov)
                 images = generator.draw([rec["caption"] for rec in chunk], torch.cat(noises), settings, per_caption=n)
                 images = resize_images(images, cfg.store_size)
-                curated = _curate(cfg, generator, settings, curator, chunk, images, provenance, shape) if curator else \
+                curated = _curate(cfg, generator, settings, curator, chunk, images, provenance, shape, counts) if curator else \
                     [(images[k * n:(k + 1) * n], {}) for k in range(len(chunk))]
                 for k, (rec, prov) in enumerate(zip(chunk, provenance)):
                     meta = {"caption": rec["caption"], "caption_id": int(rec["id"]), "concept": rec.get("concept", ""),
@@ -356,6 +361,9 @@ def run_generate(cfg: GenerateConfig) -> Path:
                    "generator": gen_name, "image_shape": image_size, "images_this_run": images_made,
                    "seconds_this_run": round(seconds, 2),
                    "images_per_second": round(images_made / seconds, 2) if images_made and seconds > 0 else None}
+        if cfg.curate.mode != "off":
+            summary["curation"] = curation_totals(cfg.curate, [json.loads(marker_path(shard).read_text()) for shard in list_shards(out)])
+            LOG.info("curation (%s below %g): %s", cfg.curate.mode, cfg.curate.threshold, summary["curation"])
         if cfg.preview:
             write_preview(out)
         atomic_write_json(out / SUMMARY_FILE, summary)  # the stage's done-marker: written last
