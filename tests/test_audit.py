@@ -440,20 +440,24 @@ def test_copies_stored_at_another_size_and_format_are_found(classifier_dir, tmp_
     assert len(set(flagged) - {(20, 0), (20, 1)}) <= 4
 
 
-def test_classifier_trained_on_noisy_backgrounds_reads_noisy_images_better(fmnist, tmp_path):
-    """`classifier_backgrounds=noisy` (generators that draw grey, noisy backgrounds): the classifier then reads real
-    test images put on such backgrounds far better than one trained on clean black backgrounds only."""
+def test_classifier_trained_on_noisy_backgrounds_reads_noisy_images_better(tmp_path):
+    """`classifier_backgrounds=noisy` (generators that draw grey, noisy backgrounds, like the attribute world's): the
+    classifier then reads real test images put on such backgrounds far better than one trained on clean canvases."""
     import torch
 
     from synrep.audit.classifier import ClassifierSpec, load_or_train, to_input
+    from synrep.datasets import DatasetError, load_dataset
     from synrep.images import randomise_background
 
-    spec, _, test = fmnist
+    try:
+        test = load_dataset("fmnist-world:class", "test")
+    except DatasetError:
+        pytest.skip("Fashion-MNIST is not installed")
     x = randomise_background(to_input(test.images[:1000]), torch.Generator().manual_seed(0), p=1.0)
     accuracy = {}
     for backgrounds in ("clean", "noisy"):
-        loaded = load_or_train(ClassifierSpec(spec, 4000, 2, 8, 0, backgrounds), tmp_path)
+        loaded = load_or_train(ClassifierSpec("fmnist-world:class", 20000, 2, 16, 0, backgrounds), tmp_path)
         assert loaded.folder.name.endswith("-noisy") == (backgrounds == "noisy"), "each kind is cached apart"
         with torch.no_grad():
             accuracy[backgrounds] = float((loaded.model(x).argmax(1).numpy() == test.labels[:1000]).mean())
-    assert accuracy["noisy"] > accuracy["clean"] + 0.1 and accuracy["noisy"] > 0.5, accuracy
+    assert accuracy["noisy"] > accuracy["clean"] + 0.15 and accuracy["noisy"] > 0.45, accuracy  # measured: 0.24 vs 0.59
