@@ -265,3 +265,13 @@ def test_curation_drops_or_redraws_images_below_the_agreement_threshold(random_g
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b"), "curation is seeded: the same bytes again"
     with pytest.raises(ValueError, match="curate.threshold"):
         load_config(GenerateConfig, None, ["curate.mode=drop", "curate.threshold=1.5"])
+
+
+def test_curation_totals_sum_the_shard_markers_and_leave_rates_empty_without_counts():
+    from synrep.generate.curation import curation_totals
+
+    counts = {"scored": 8, "failed_first_draw": 2, "redrawn": 2, "passing": 7, "dropped": 0}
+    totals = curation_totals(CurationConfig(mode="redraw"), [{}, {"curation": counts}, {"curation": counts}])
+    assert (totals["scored"], totals["passing"], totals["pass_rate_first_draw"], totals["pass_rate_kept"]) == (16, 14, 75.0, 87.5)
+    old = curation_totals(CurationConfig(mode="drop"), [{}])  # shards written before the counts existed
+    assert old["scored"] == 0 and old["pass_rate_first_draw"] is None and old["pass_rate_kept"] is None

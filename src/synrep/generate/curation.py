@@ -100,10 +100,10 @@ def curation_totals(cfg: CurationConfig, markers: list[dict]) -> dict:
     for marker in markers:
         for key, value in marker.get("curation", {}).items():
             totals[key] = totals.get(key, 0) + int(value)
-    scored = max(totals["scored"], 1)
+    scored = totals["scored"]  # 0: no concept had a class, or every shard predates these counts
     return {"mode": cfg.mode, "threshold": cfg.threshold, **totals,
-            "pass_rate_first_draw": round(100 * (1 - totals["failed_first_draw"] / scored), 2),
-            "pass_rate_kept": round(100 * totals["passing"] / max(totals["scored"] - totals["dropped"], 1), 2)}
+            "pass_rate_first_draw": round(100 * (1 - totals["failed_first_draw"] / scored), 2) if scored else None,
+            "pass_rate_kept": round(100 * totals["passing"] / (scored - totals["dropped"]), 2) if scored > totals["dropped"] else None}
 
 
 def redraw_seed(run_seed: int, caption_id: int, image: int, attempt: int) -> int:
