@@ -52,6 +52,13 @@ def test_study_plan_covers_the_sections_with_fair_batches():
     assert {d.captions * d.images for d in budget.values()} == {400}, "a fixed image budget"
     assert rows["stablerep-n8"].images_per_group * rows["stablerep-n8"].groups_per_batch == 256
     assert rows["stablerep-captions-400"].data.captions == 400 and expected_seconds(cfg, list(rows.values())) > 0
+    # a sweep's point that equals a methods row trains once: guidance 2, sigma 0.5, 100 captions, n = 4, uniform
+    shared = {name: row.run_as for name, row in rows.items() if row.run_as}
+    assert shared == {"stablerep-guidance-2": "stablerep-synthetic", "stablerep-captions-100": "stablerep-synthetic",
+                      "stablerep-n4": "stablerep-synthetic", "stablerep-uniform": "stablerep-synthetic"}, shared
+    with_half = {r.name: r.run_as for r in plan_rows(load_config(StudyConfig, None, ["sections=[sigma]"]))}
+    assert with_half == {"genrep-latent-sigma-0.25": None, "genrep-latent-sigma-0.5": "genrep-latent-stablerep",
+                         "genrep-latent-sigma-1": None}
     with pytest.raises(ValueError, match="latent_sigma_sweep"):
         load_config(StudyConfig, None, ["latent_sigma_sweep=[0.5,0]"])
     with pytest.raises(ValueError, match="images_per_caption_scaling"):

@@ -270,12 +270,29 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
             shape = single if n == 1 else dict(groups_per_batch=max(1, batch // n), images_per_group=n)
             rows.append(Row("images_per_caption", f"stablerep-n{n}", n, "stablerep", data, **shape))
     if "curation" in cfg.sections:
-        rows += [Row("curation", "stablerep-uniform", None, "stablerep", main, run_as="stablerep-synthetic"),
+        rows += [Row("curation", "stablerep-uniform", None, "stablerep", main),
                  Row("curation", f"stablerep-redraw-below-{cfg.curate_threshold:g}", None, "stablerep",
                      dataclasses.replace(main, redraw_below=cfg.curate_threshold, judge=cfg.curate_classifier,
                                          judge_backgrounds=cfg.curate_backgrounds)),
                  Row("curation", "stablerep-rare-concepts", None, "stablerep", dataclasses.replace(main, rare=rare_tag(cfg)))]
-    return rows
+    return _share_runs(cfg, rows)
+
+
+def _share_runs(cfg: StudyConfig, rows: list[Row]) -> list[Row]:
+    """Point every row that trains exactly what a methods row trains (same method, data and batch shape, e.g. the
+    guidance sweep's default guidance) at that row's runs, so the study trains it once per seed."""
+    main = Data(cfg.captions_per_concept, cfg.images_per_caption, cfg.guidance_scale)
+    shared = {"stablerep-synthetic": Row("methods", "stablerep-synthetic", None, "stablerep", main),
+              "genrep-latent-stablerep": Row("methods", "genrep-latent-stablerep", None, "stablerep",
+                                             dataclasses.replace(main, sigma=cfg.latent_sigma))}
+
+    def key(row: Row) -> tuple:
+        return (row.method, row.data, row.groups_per_batch or cfg.groups_per_batch,
+                row.images_per_group or cfg.images_per_group, row.views)
+
+    by_key = {key(row): name for name, row in shared.items()}
+    return [dataclasses.replace(row, run_as=by_key[key(row)])
+            if row.section != "methods" and row.method and key(row) in by_key else row for row in rows]
 
 
 def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
