@@ -312,10 +312,11 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
     data_name = row.data.name if isinstance(row.data, Data) else (row.data or "-")
     if done.exists():
         result = json.loads(done.read_text())
-        if result.get("data") == data_name and result.get("data_root", str(_data_root(cfg))) == str(_data_root(cfg)):
+        same_steps = result.get("steps", cfg.steps if row.method else 0) == (cfg.steps if row.method else 0)
+        if same_steps and result.get("data") == data_name and result.get("data_root", str(_data_root(cfg))) == str(_data_root(cfg)):
             return {**result, "row": row.name, "section": row.section, "x": row.x}
-        LOG.warning("study row %s seed %d: the finished run in %s used other data (%s); running it again", row.name, seed,
-                    folder, result.get("data"))
+        LOG.warning("study row %s seed %d: the finished run in %s used other data or steps (%s, %s steps); running it again",
+                    row.name, seed, folder, result.get("data"), result.get("steps"))
         done.unlink()
     start, train_seconds = time.time(), 0.0
     if row.method is None:
