@@ -310,9 +310,10 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
     folder = Path(cfg.out_dir) / "rows" / (row.run_as or row.name) / f"seed-{seed}"
     done = folder / "row.json"
     data_name = row.data.name if isinstance(row.data, Data) else (row.data or "-")
+    steps = cfg.steps if row.method else 0
     if done.exists():
         result = json.loads(done.read_text())
-        same_steps = result.get("steps", cfg.steps if row.method else 0) == (cfg.steps if row.method else 0)
+        same_steps = result.get("steps", steps) == steps
         if same_steps and result.get("data") == data_name and result.get("data_root", str(_data_root(cfg))) == str(_data_root(cfg)):
             return {**result, "row": row.name, "section": row.section, "x": row.x}
         LOG.warning("study row %s seed %d: the finished run in %s used other data or steps (%s, %s steps); running it again",
@@ -351,7 +352,7 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
               "rare_linear_top1": float(np.mean(rare)) if rare else None,
               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
-              "steps": cfg.steps if row.method else 0}
+              "steps": steps}
     atomic_write_json(done, result)
     return result
 
