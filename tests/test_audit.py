@@ -461,3 +461,12 @@ def test_classifier_trained_on_noisy_backgrounds_reads_noisy_images_better(tmp_p
         with torch.no_grad():
             accuracy[backgrounds] = float((loaded.model(x).argmax(1).numpy() == test.labels[:1000]).mean())
     assert accuracy["noisy"] > accuracy["clean"] + 0.15 and accuracy["noisy"] > 0.45, accuracy  # measured: 0.24 vs 0.59
+    # a cache written before `backgrounds` existed (no such key in its spec) is a clean one and is reused
+    clean = ClassifierSpec("fmnist-world:class", 20000, 2, 16, 0)
+    marker = tmp_path / clean.folder_name() / "classifier.json"
+    info = json.loads(marker.read_text())
+    del info["spec"]["backgrounds"]
+    marker.write_text(json.dumps(info))
+    weights = (tmp_path / clean.folder_name() / "classifier.pt").stat().st_mtime_ns
+    load_or_train(clean, tmp_path)
+    assert (tmp_path / clean.folder_name() / "classifier.pt").stat().st_mtime_ns == weights, "not trained again"

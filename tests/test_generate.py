@@ -273,5 +273,6 @@ def test_curation_totals_sum_the_shard_markers_and_leave_rates_empty_without_cou
     counts = {"scored": 8, "failed_first_draw": 2, "redrawn": 2, "passing": 7, "dropped": 0}
     totals = curation_totals(CurationConfig(mode="redraw"), [{}, {"curation": counts}, {"curation": counts}])
     assert (totals["scored"], totals["passing"], totals["pass_rate_first_draw"], totals["pass_rate_kept"]) == (16, 14, 75.0, 87.5)
+    assert (totals["shards_counted"], totals["shards_total"]) == (2, 3), "the shard without counts is reported, not hidden"
     old = curation_totals(CurationConfig(mode="drop"), [{}])  # shards written before the counts existed
     assert old["scored"] == 0 and old["pass_rate_first_draw"] is None and old["pass_rate_kept"] is None

@@ -1,10 +1,11 @@
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from synrep.config import load_config
-from synrep.study import StudyConfig, expected_seconds, interval, plan_rows, run_study
+from synrep.study import StudyConfig, changed_settings, expected_seconds, interval, plan_rows, run_settings, run_study
 
 
 @pytest.mark.slow
@@ -52,6 +53,8 @@ def test_study_plan_covers_the_sections_with_fair_batches():
     assert {d.captions * d.images for d in budget.values()} == {400}, "a fixed image budget"
     assert rows["stablerep-n8"].images_per_group * rows["stablerep-n8"].groups_per_batch == 256
     assert rows["stablerep-captions-400"].data.captions == 400 and expected_seconds(cfg, list(rows.values())) > 0
+    unshared = [dataclasses.replace(r, run_as=None) for r in rows.values()]
+    assert expected_seconds(cfg, unshared) > expected_seconds(cfg, list(rows.values())), "shared rows are not counted twice"
     # a sweep's point that equals a methods row trains once: guidance 2, sigma 0.5, 100 captions, n = 4, uniform
     shared = {name: row.run_as for name, row in rows.items() if row.run_as}
     assert shared == {"stablerep-guidance-2": "stablerep-synthetic", "stablerep-captions-100": "stablerep-synthetic",
@@ -65,6 +68,37 @@ def test_study_plan_covers_the_sections_with_fair_batches():
         load_config(StudyConfig, None, ["images_per_caption_scaling=[3]"])
     with pytest.raises(ValueError, match="seeds"):
         load_config(StudyConfig, None, ["seeds=[1,1]"])
+
+
+def test_a_finished_row_is_reused_only_with_the_same_settings():
+    cfg = load_config(StudyConfig, None, ["rows=[stablerep-synthetic]", "sections=[methods]"])
+    (row,) = plan_rows(cfg)
+    settings = run_settings(cfg, row)
+    assert changed_settings({"settings": settings}, settings) == []
+    for override, key in (("steps=300", "steps"), ("base_lr=1e-3", "base_lr"), ("backbone.name=cnn", "backbone"),
+                          ("eval.knn_k=10", "eval"), ("guidance_scale=4", "data"), ("groups_per_batch=32", "groups_per_batch")):
+        other = load_config(StudyConfig, None, ["rows=[stablerep-synthetic]", "sections=[methods]", override])
+        assert changed_settings({"settings": run_settings(other, plan_rows(other)[0])}, settings) == [key], override
+    # a row.json from before settings were saved: compared on its data and steps
+    legacy = {"data": settings["data"], "data_root": settings["data_root"], "steps": 300}
+    assert changed_settings(legacy, settings) == ["steps"]
+    assert changed_settings({**legacy, "steps": cfg.steps}, settings) == []
+
+
+def test_a_row_rerun_with_other_settings_keeps_the_old_run_aside(tmp_path, fashion_mnist_available):
+    if not fashion_mnist_available:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    base = [f"out_dir={tmp_path}", "rows=[raw-pixels]", "sections=[methods]", "seeds=[0]", "eval.probe_train_size=600",
+            "eval.protocols=[knn]", "eval.knn_ks=[5]"]
+    run_study(load_config(StudyConfig, None, [*base, "eval.knn_k=5"]))
+    seed_dir = tmp_path / "rows" / "raw-pixels" / "seed-0"
+    first = json.loads((seed_dir / "row.json").read_text())
+    assert first["settings"]["eval"]["knn_k"] == 5
+    run_study(load_config(StudyConfig, None, [*base, "eval.knn_k=1"]))
+    again = json.loads((seed_dir / "row.json").read_text())
+    assert again["settings"]["eval"]["knn_k"] == 1, "run again with the new settings"
+    kept = json.loads((tmp_path / "rows" / "raw-pixels" / "seed-0.replaced-1" / "row.json").read_text())
+    assert kept == first, "the earlier run is kept, not overwritten"
 
 
 def test_interval_is_the_t_interval():

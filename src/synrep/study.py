@@ -234,26 +234,39 @@ def _shards(cfg: StudyConfig, data: Data) -> str:
     return str(folder)
 
 
+def _main_data(cfg: StudyConfig) -> Data:
+    """The synthetic data set of every row that does not sweep it."""
+    return Data(cfg.captions_per_concept, cfg.images_per_caption, cfg.guidance_scale)
+
+
+def _single_image_batches(cfg: StudyConfig) -> dict:
+    """One image per caption per batch, two crops of it (SimCLR's batches; half the groups for the same image count)."""
+    return dict(groups_per_batch=cfg.groups_per_batch * cfg.images_per_group // 2, images_per_group=1, views=2)
+
+
+def methods_row(cfg: StudyConfig, name: str) -> Row:
+    """The methods section's row ``name`` (one of ``ALL_ROWS``)."""
+    main = _main_data(cfg)
+    if name in ("random-init", "raw-pixels"):
+        return Row("methods", name, None)
+    if name == "simclr-real":
+        return Row("methods", name, None, "simclr", "real", **_single_image_batches(cfg))
+    if name == "supervised-real":
+        return Row("methods", name, None, "supervised", "real", groups_per_batch=cfg.groups_per_batch * cfg.images_per_group,
+                   images_per_group=1)
+    if name == "simclr-synthetic":
+        return Row("methods", name, None, "simclr", main, **_single_image_batches(cfg))
+    if name == "genrep-latent-stablerep":
+        return Row("methods", name, None, "stablerep", dataclasses.replace(main, sigma=cfg.latent_sigma))
+    return Row("methods", name, None, name[: -len("-synthetic")], main)
+
+
 def plan_rows(cfg: StudyConfig) -> list[Row]:
     """Every row of the chosen sections, in report order (a pure function of the config)."""
     batch = cfg.groups_per_batch * cfg.images_per_group
-    main = Data(cfg.captions_per_concept, cfg.images_per_caption, cfg.guidance_scale)
-    single = dict(groups_per_batch=batch // 2, images_per_group=1, views=2)  # one image per caption per batch, two crops
-    rows = []
-    if "methods" in cfg.sections:
-        for name in cfg.rows:
-            if name in ("random-init", "raw-pixels"):
-                rows.append(Row("methods", name, None))
-            elif name == "simclr-real":
-                rows.append(Row("methods", name, None, "simclr", "real", **single))
-            elif name == "supervised-real":
-                rows.append(Row("methods", name, None, "supervised", "real", groups_per_batch=batch, images_per_group=1))
-            elif name == "simclr-synthetic":
-                rows.append(Row("methods", name, None, "simclr", main, **single))
-            elif name == "genrep-latent-stablerep":
-                rows.append(Row("methods", name, None, "stablerep", dataclasses.replace(main, sigma=cfg.latent_sigma)))
-            else:
-                rows.append(Row("methods", name, None, name[: -len("-synthetic")], main))
+    main = _main_data(cfg)
+    single = _single_image_batches(cfg)
+    rows = [methods_row(cfg, name) for name in cfg.rows] if "methods" in cfg.sections else []
     if "guidance" in cfg.sections:
         rows += [Row("guidance", f"stablerep-guidance-{g:g}", g, "stablerep", dataclasses.replace(main, guidance=g))
                  for g in cfg.guidance_sweep]
@@ -281,10 +294,7 @@ def plan_rows(cfg: StudyConfig) -> list[Row]:
 def _share_runs(cfg: StudyConfig, rows: list[Row]) -> list[Row]:
     """Point every row that trains exactly what a methods row trains (same method, data and batch shape, e.g. the
     guidance sweep's default guidance) at that row's runs, so the study trains it once per seed."""
-    main = Data(cfg.captions_per_concept, cfg.images_per_caption, cfg.guidance_scale)
-    shared = {"stablerep-synthetic": Row("methods", "stablerep-synthetic", None, "stablerep", main),
-              "genrep-latent-stablerep": Row("methods", "genrep-latent-stablerep", None, "stablerep",
-                                             dataclasses.replace(main, sigma=cfg.latent_sigma))}
+    shared = {name: methods_row(cfg, name) for name in ("stablerep-synthetic", "genrep-latent-stablerep")}
 
     def key(row: Row) -> tuple:
         return (row.method, row.data, row.groups_per_batch or cfg.groups_per_batch,
@@ -296,29 +306,60 @@ def _share_runs(cfg: StudyConfig, rows: list[Row]) -> list[Row]:
 
 
 def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
-    """A rough estimate of the whole study on this kind of machine (data sets + training + evaluations)."""
+    """A rough estimate of the whole study on this kind of machine (data sets + training + evaluations); rows that
+    share another row's runs cost nothing more."""
     images = {r.data.name: r.data.captions * r.data.images * 10 for r in rows if isinstance(r.data, Data)}
-    trained = sum(1 for r in rows if r.method) * len(cfg.seeds)
-    evals = len(rows) * len(cfg.seeds) * (1 + sum(not is_labelling_of(t, cfg.eval.dataset) for t in cfg.eval_tasks))
+    runs = {r.run_as or r.name: r for r in rows}
+    trained = sum(1 for r in runs.values() if r.method) * len(cfg.seeds)
+    evals = len(runs) * len(cfg.seeds) * (1 + sum(not is_labelling_of(t, cfg.eval.dataset) for t in cfg.eval_tasks))
     batch = cfg.groups_per_batch * cfg.images_per_group
     pixels = (cfg.backbone.image_size / 28) ** 2  # the constants are for 28 px; cost grows with the pixel count
     return pixels * (sum(images.values()) * SECONDS_PER_GENERATED_IMAGE + trained * cfg.steps * batch * SECONDS_PER_TRAIN_IMAGE) \
         + evals * SECONDS_PER_EVAL
 
 
+def run_settings(cfg: StudyConfig, row: Row) -> dict:
+    """Everything besides the seed that decides a row's numbers (as JSON values): a finished run is reused only when
+    its saved settings equal these."""
+    settings = {"data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "data_root": str(_data_root(cfg)),
+                "steps": cfg.steps if row.method else 0, "backbone": dataclasses.asdict(cfg.backbone),
+                "eval": dataclasses.asdict(cfg.eval), "eval_tasks": list(cfg.eval_tasks)}
+    if row.method:
+        settings.update(method=row.method, groups_per_batch=row.groups_per_batch or cfg.groups_per_batch,
+                        images_per_group=row.images_per_group or cfg.images_per_group, views=row.views,
+                        base_lr=cfg.base_lr, warmup_steps=cfg.warmup_steps)
+    return json.loads(json.dumps(settings))
+
+
+def changed_settings(saved: dict, settings: dict) -> list[str]:
+    """The keys in which a finished run's ``row.json`` differs from ``settings`` (``run_settings``). Runs written
+    before row.json kept its settings are compared on the data and steps they recorded."""
+    if "settings" not in saved:
+        old = {"data": saved.get("data"), "data_root": saved.get("data_root", settings["data_root"]),
+               "steps": saved.get("steps", settings["steps"])}
+        return [key for key, value in old.items() if value != settings[key]]
+    return sorted(key for key in {*saved["settings"], *settings} if saved["settings"].get(key) != settings.get(key))
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a run folder that will be run again to ``<name>.replaced-<k>`` (kept, never overwritten)."""
+    k = 1
+    while folder.with_name(f"{folder.name}.replaced-{k}").exists():
+        k += 1
+    return folder.rename(folder.with_name(f"{folder.name}.replaced-{k}"))
+
+
 def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
     folder = Path(cfg.out_dir) / "rows" / (row.run_as or row.name) / f"seed-{seed}"
     done = folder / "row.json"
-    data_name = row.data.name if isinstance(row.data, Data) else (row.data or "-")
-    steps = cfg.steps if row.method else 0
+    settings = run_settings(cfg, row)
     if done.exists():
         result = json.loads(done.read_text())
-        same_steps = result.get("steps", steps) == steps
-        if same_steps and result.get("data") == data_name and result.get("data_root", str(_data_root(cfg))) == str(_data_root(cfg)):
+        changed = changed_settings(result, settings)
+        if not changed:
             return {**result, "row": row.name, "section": row.section, "x": row.x}
-        LOG.warning("study row %s seed %d: the finished run in %s used other data or steps (%s, %s steps); running it again",
-                    row.name, seed, folder, result.get("data"), result.get("steps"))
-        done.unlink()
+        LOG.warning("study row %s seed %d: the finished run in %s used other settings (%s); it is kept in %s and run again",
+                    row.name, seed, folder, ", ".join(changed), _set_aside(folder))
     start, train_seconds = time.time(), 0.0
     if row.method is None:
         encoder = "pixels" if row.name == "raw-pixels" else f"random:{cfg.backbone.name}"
@@ -348,11 +389,11 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
             per_class = {int(k): v for k, v in r.get("linear", {}).get("per_class_top1", {}).items()}
     rare = [per_class[label] for label in _rare_labels(cfg) if label in per_class]
     result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
-              "data": data_name, "data_root": str(_data_root(cfg)), "encoder": encoder, "scores": scores,
+              "data": settings["data"], "data_root": settings["data_root"], "encoder": encoder, "scores": scores,
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
               "rare_linear_top1": float(np.mean(rare)) if rare else None,
               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
-              "steps": steps}
+              "steps": settings["steps"], "settings": settings}
     atomic_write_json(done, result)
     return result
 

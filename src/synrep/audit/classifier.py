@@ -149,7 +149,8 @@ def load_or_train(spec: ClassifierSpec, root: str | Path, device: str = "cpu") -
     if marker.is_file():
         try:
             info = json.loads(marker.read_text())
-            if info.get("spec") == asdict(spec):
+            # caches from before ``backgrounds`` existed were trained on clean backgrounds
+            if {"backgrounds": "clean", **info.get("spec", {})} == asdict(spec):
                 model = ReferenceClassifier(c, h, len(train.class_names), spec.width)
                 model.load_state_dict(torch.load(folder / "classifier.pt", map_location="cpu", weights_only=True))
                 feats = np.load(folder / "train_features.npy")

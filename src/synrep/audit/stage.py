@@ -190,6 +190,8 @@ def settings_of(cfg: AuditConfig) -> dict:
     for key in ("out_dir", "num_threads", "batch_size", "nn_chunk", "nn_rank", "device", "classifier_dir"):
         d.pop(key)
     d["data"] = str(Path(cfg.data).resolve())
+    if d["classifier_backgrounds"] == "clean":  # the default, left out so that audits from before the key still resume
+        d.pop("classifier_backgrounds")
     return d
 
 
@@ -198,7 +200,7 @@ def cache_key(cfg: AuditConfig) -> str:
     s = settings_of(cfg)
     keys = ("data", "scorer", "dataset", "concepts", "classifier_train_size", "classifier_epochs", "classifier_width",
             "classifier_backgrounds", "seed", "grid_size", "diversity_sample")
-    return _hash({k: s[k] for k in keys})[:16]
+    return _hash({k: s[k] for k in keys if k in s})[:16]
 
 
 # --- the run ----------------------------------------------------------------------------------------------

@@ -95,13 +95,16 @@ def count_outcomes(counts: dict[str, int], curator: Curator, first_scores: np.nd
 
 
 def curation_totals(cfg: CurationConfig, markers: list[dict]) -> dict:
-    """The shard markers' counts summed, with the pass rates before and after curation (%)."""
+    """The shard markers' counts summed, with the pass rates before and after curation (%). ``shards_counted`` of
+    ``shards_total`` say how many shards had counts (shards written before curation counted have none). In drop mode
+    ``pass_rate_kept`` is 100 by construction: ``dropped`` is the figure to read."""
     totals = new_counts()
-    for marker in markers:
-        for key, value in marker.get("curation", {}).items():
+    counted = [marker["curation"] for marker in markers if "curation" in marker]
+    for counts in counted:
+        for key, value in counts.items():
             totals[key] = totals.get(key, 0) + int(value)
     scored = totals["scored"]  # 0: no concept had a class, or every shard predates these counts
-    return {"mode": cfg.mode, "threshold": cfg.threshold, **totals,
+    return {"mode": cfg.mode, "threshold": cfg.threshold, "shards_counted": len(counted), "shards_total": len(markers), **totals,
             "pass_rate_first_draw": round(100 * (1 - totals["failed_first_draw"] / scored), 2) if scored else None,
             "pass_rate_kept": round(100 * totals["passing"] / (scored - totals["dropped"]), 2) if scored > totals["dropped"] else None}
 
