@@ -68,6 +68,13 @@ def test_study_plan_covers_the_sections_with_fair_batches():
         load_config(StudyConfig, None, ["images_per_caption_scaling=[3]"])
     with pytest.raises(ValueError, match="seeds"):
         load_config(StudyConfig, None, ["seeds=[1,1]"])
+    # a repeated sweep value or row would make two rows of one name, pooled as if they were more seeds
+    for override, key in (("guidance_sweep=[2,2.0]", "guidance_sweep"), ("rows=[raw-pixels,raw-pixels]", "rows"),
+                          ("caption_scaling=[25,25]", "caption_scaling"), ("sections=[methods,methods]", "sections")):
+        with pytest.raises(ValueError, match=key):
+            load_config(StudyConfig, None, [override])
+    with pytest.raises(ValueError, match="eval.protocols.*linear, knn"):
+        load_config(StudyConfig, None, ["eval.protocols=[fewshot]"])
 
 
 def test_a_finished_row_is_reused_only_with_the_same_settings():
@@ -79,6 +86,10 @@ def test_a_finished_row_is_reused_only_with_the_same_settings():
                           ("eval.knn_k=10", "eval"), ("guidance_scale=4", "data"), ("groups_per_batch=32", "groups_per_batch")):
         other = load_config(StudyConfig, None, ["rows=[stablerep-synthetic]", "sections=[methods]", override])
         assert changed_settings({"settings": run_settings(other, plan_rows(other)[0])}, settings) == [key], override
+    # how fast or where the features are computed does not change the scores: no rerun
+    for override in ("eval.num_workers=0", "eval.batch_size=64", "eval.device=cpu", "eval.cache_dir=/tmp/x", "num_threads=1"):
+        other = load_config(StudyConfig, None, ["rows=[stablerep-synthetic]", "sections=[methods]", override])
+        assert changed_settings({"settings": run_settings(other, plan_rows(other)[0])}, settings) == [], override
     # a row.json from before settings were saved: compared on its data and steps
     legacy = {"data": settings["data"], "data_root": settings["data_root"], "steps": 300}
     assert changed_settings(legacy, settings) == ["steps"]
@@ -99,6 +110,65 @@ def test_a_row_rerun_with_other_settings_keeps_the_old_run_aside(tmp_path, fashi
     assert again["settings"]["eval"]["knn_k"] == 1, "run again with the new settings"
     kept = json.loads((tmp_path / "rows" / "raw-pixels" / "seed-0.replaced-1" / "row.json").read_text())
     assert kept == first, "the earlier run is kept, not overwritten"
+    # a run stopped before it finished (settings.json, no row.json) is resumed only with the settings it started with
+    (seed_dir / "row.json").unlink()
+    run_study(load_config(StudyConfig, None, [*base, "eval.knn_k=5"]))
+    stopped = tmp_path / "rows" / "raw-pixels" / "seed-0.replaced-2"
+    assert json.loads((stopped / "settings.json").read_text())["eval"]["knn_k"] == 1 and not (stopped / "row.json").exists()
+    assert json.loads((seed_dir / "row.json").read_text())["settings"]["eval"]["knn_k"] == 5
+
+
+def test_paired_differences_match_seeds_within_a_section(tmp_path):
+    from synrep.study import paired_differences, write_study_report
+
+    cfg = load_config(StudyConfig, None, [f"out_dir={tmp_path}", "sections=[methods]", "eval_tasks=[mnist]"])
+    base = {0: 50.0, 1: 40.0, 2: 60.0}  # seeds differ a lot; the per-seed gap is nearly constant
+    gap = {0: 3.0, 1: 4.0, 2: 5.0}
+
+    def run(row, seed, score, section="methods", steps=300):
+        return {"row": row, "section": section, "x": 4.0 if section == "guidance" else None, "method": row, "seed": seed, "steps": steps, "train_seconds": 1.0,
+                "scores": {cfg.eval.dataset: {"linear_top1": score, "knn_top1": score}, "mnist": {"linear_top1": 90.0, "knn_top1": 90.0}}}
+
+    runs = [run("raw-pixels", s, 70.0, steps=0) for s in base] + [run("stablerep-synthetic", s, base[s]) for s in base] \
+        + [run("stablerep+-synthetic", s, base[s] + gap[s]) for s in base] + [run("stablerep-guidance-4", s, 0.0, "guidance") for s in base]
+    (pair,) = paired_differences(runs, [cfg.eval.dataset, "mnist"], "linear_top1")
+    assert (pair["row"], pair["minus"], pair["seeds"]) == ("stablerep+-synthetic", "stablerep-synthetic", 3)
+    mean, half = pair[cfg.eval.dataset]
+    assert mean == pytest.approx(4.0) and half == pytest.approx(interval([3.0, 4.0, 5.0])[1])
+    assert half < interval([base[s] + gap[s] for s in base])[1] / 5, "pairing removes the seeds' common spread"
+    assert pair["mnist"] == (0.0, 0.0)
+    text = write_study_report(tmp_path, cfg, runs).read_text()
+    assert "| stablerep+-synthetic | stablerep-synthetic | 4.00 ± 2.48 | 0.00 ± 0.00 | 3 |" in text
+    assert "| raw-pixels | 70.00 ± 0.00 |" in text, "several seeds with one score still show their (zero) interval"
+    assert json.loads((tmp_path / "study.json").read_text())["paired"][0]["minus"] == "stablerep-synthetic"
+
+
+def test_the_rare_concepts_mean_follows_the_current_list():
+    from synrep.study import _rare_labels, with_rare_mean
+
+    per_class = {str(k): float(10 * k) for k in range(10)}
+    cfg = load_config(StudyConfig, None, ["rare_concepts=[sandal,shirt]"])
+    labels = _rare_labels(cfg)
+    assert sorted(labels) == [5, 6]  # sandal and shirt in Fashion-MNIST's label order
+    assert with_rare_mean({"per_class_linear_top1": per_class}, labels)["rare_linear_top1"] == 55.0
+    assert with_rare_mean({"per_class_linear_top1": per_class}, [9])["rare_linear_top1"] == 90.0
+    stale = {"rare_linear_top1": 12.0}  # saved by an older study for some other list: not reported as this one's
+    assert with_rare_mean(stale, labels)["rare_linear_top1"] is None
+
+
+def test_world_captions_are_never_asked_for_more_than_they_have():
+    with pytest.raises(ValueError, match="caption_scaling.*360 distinct"):
+        load_config(StudyConfig, None, ["preset=world", "caption_scaling=[20,400]"])
+    with pytest.raises(ValueError, match="images_per_caption_scaling.*needs 640"):
+        load_config(StudyConfig, None, ["preset=world", "captions_per_concept=160", "sections=[images_per_caption]"])
+    with pytest.raises(ValueError, match="rare_weight.*needs 438"):  # 320 x 10 / (7 + 3 x 0.1)
+        load_config(StudyConfig, None, ["preset=world", "captions_per_concept=320", "sections=[curation]"])
+    load_config(StudyConfig, None, ["preset=world"])  # the preset itself fits
+    from synrep.captions.stage import CaptionsConfig
+
+    with pytest.raises(ValueError, match="per_concept.*360 distinct"):
+        load_config(CaptionsConfig, None, ["backend=world", "per_concept=361", "dedup=text"])
+    assert load_config(CaptionsConfig, None, ["backend=world", "per_concept=361", "dedup=none"]).per_concept == 361
 
 
 def test_interval_is_the_t_interval():

@@ -75,6 +75,9 @@ def test_world_caption_backend_writes_distinct_balanced_captions_in_the_worlds_w
     from synrep.world import attribute_combinations, planned_caption
 
     assert len(attribute_combinations()) == 360 == len({caption(c, "bag") for c in attribute_combinations()})
+    from synrep.captions.llm_backends import CAPTION_BACKENDS
+
+    assert CAPTION_BACKENDS.traits("world")["distinct_per_concept"] == len(attribute_combinations())
     first = [planned_caption("bag", 0, i) for i in range(360)]
     assert len(set(first)) == 360, "a class's first 360 captions are its 360 combinations"
     assert first != [planned_caption("bag", 1, i) for i in range(360)], "the seed orders them"

@@ -128,7 +128,13 @@ class StudyConfig:
             require(problem is None, key, problem or "")
         unknown = [row for row in self.rows if row not in ALL_ROWS]
         require(not unknown, "rows", f"unknown study row(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_ROWS)}")
-        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", f"must be distinct seeds (one or more), got {self.seeds}")
+        for key in ("seeds", "sections", "rows", "guidance_sweep", "latent_sigma_sweep", "caption_scaling", "images_per_caption_scaling"):
+            values = getattr(self, key)
+            # a repeated value would make two rows of one name, pooled as if they were more seeds
+            require(len(set(values)) == len(values), key, f"must be distinct values, got {values}")
+        require(bool(self.seeds), "seeds", "is empty; give one or more seeds")
+        require(any(p in self.eval.protocols for p in ("linear", "knn")), "eval.protocols",
+                f"{self.eval.protocols}: the study's tables read linear and kNN top-1; include linear, knn or both")
         require(all(math.isfinite(g) and g >= 0 for g in self.guidance_sweep), "guidance_sweep",
                 f"must be finite numbers >= 0, got {self.guidance_sweep}")
         require(all(math.isfinite(s) and s > 0 for s in self.latent_sigma_sweep), "latent_sigma_sweep",
@@ -154,6 +160,24 @@ class StudyConfig:
         require(not unknown, "rare_concepts", f"{', '.join(map(repr, unknown))} not in the concept list; choose from {', '.join(known)}")
         for key in ("captions_per_concept", "images_per_caption", "steps", "groups_per_batch", "images_per_group"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        distinct = CAPTION_BACKENDS.traits(self.caption_backend).get("distinct_per_concept")
+        if distinct:  # more would be cut by de-duplication, silently changing a row's image budget
+            need, key = captions_needed(self, len(known))
+            require(need <= distinct, key, f"needs {need} captions per concept, but caption_backend={self.caption_backend!r} "
+                    f"writes at most {distinct} distinct ones per concept")
+
+
+def captions_needed(cfg: StudyConfig, concepts: int) -> tuple[int, str]:
+    """The most captions any planned data set asks of one concept, and the config key that asks it."""
+    needs = [(cfg.captions_per_concept, "captions_per_concept")]
+    if "captions" in cfg.sections:
+        needs += [(max(cfg.caption_scaling), "caption_scaling")]
+    if "images_per_caption" in cfg.sections:
+        needs += [(cfg.captions_per_concept * cfg.images_per_caption // min(cfg.images_per_caption_scaling), "images_per_caption_scaling")]
+    if "curation" in cfg.sections:  # the same total, shared by weight: the common concepts get more
+        weight = concepts - len(cfg.rare_concepts) + len(cfg.rare_concepts) * cfg.rare_weight
+        needs += [(round(cfg.captions_per_concept * concepts / weight), "rare_weight")]
+    return max(needs)
 
 
 @dataclass(frozen=True)
@@ -305,10 +329,17 @@ def _share_runs(cfg: StudyConfig, rows: list[Row]) -> list[Row]:
             if row.section != "methods" and row.method and key(row) in by_key else row for row in rows]
 
 
+def runs_on(cfg: StudyConfig, row: Row) -> bool:
+    """Whether ``row`` can train with ``cfg.backbone`` (SynCLR's masked modelling needs patch tokens)."""
+    return row.method != "synclr" or bool(BACKBONES.traits(cfg.backbone.name)["patch_tokens"])
+
+
 def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
     """A rough estimate of the whole study on this kind of machine (data sets + training + evaluations); rows that
     share another row's runs cost nothing more."""
-    images = {r.data.name: r.data.captions * r.data.images * 10 for r in rows if isinstance(r.data, Data)}
+    rows = [r for r in rows if runs_on(cfg, r)]
+    concepts = len(load_concepts(CaptionsConfig().concepts).concepts)
+    images = {r.data.name: r.data.captions * r.data.images * concepts for r in rows if isinstance(r.data, Data)}
     runs = {r.run_as or r.name: r for r in rows}
     trained = sum(1 for r in runs.values() if r.method) * len(cfg.seeds)
     evals = len(runs) * len(cfg.seeds) * (1 + sum(not is_labelling_of(t, cfg.eval.dataset) for t in cfg.eval_tasks))
@@ -318,12 +349,17 @@ def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
         + evals * SECONDS_PER_EVAL
 
 
+# evaluation keys that decide how fast, where or with what cache the features are computed, not the scores
+EVAL_RUNTIME_KEYS = ("out_dir", "encoder", "num_workers", "batch_size", "device", "cache_dir", "num_threads", "tasks")
+
+
 def run_settings(cfg: StudyConfig, row: Row) -> dict:
     """Everything besides the seed that decides a row's numbers (as JSON values): a finished run is reused only when
     its saved settings equal these."""
+    evaluation = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in EVAL_RUNTIME_KEYS}
     settings = {"data": row.data.name if isinstance(row.data, Data) else (row.data or "-"), "data_root": str(_data_root(cfg)),
                 "steps": cfg.steps if row.method else 0, "backbone": dataclasses.asdict(cfg.backbone),
-                "eval": dataclasses.asdict(cfg.eval), "eval_tasks": list(cfg.eval_tasks)}
+                "eval": evaluation, "eval_tasks": list(cfg.eval_tasks)}
     if row.method:
         settings.update(method=row.method, groups_per_batch=row.groups_per_batch or cfg.groups_per_batch,
                         images_per_group=row.images_per_group or cfg.images_per_group, views=row.views,
@@ -351,15 +387,25 @@ def _set_aside(folder: Path) -> Path:
 
 def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
     folder = Path(cfg.out_dir) / "rows" / (row.run_as or row.name) / f"seed-{seed}"
-    done = folder / "row.json"
+    done, started = folder / "row.json", folder / "settings.json"
     settings = run_settings(cfg, row)
     if done.exists():
         result = json.loads(done.read_text())
         changed = changed_settings(result, settings)
         if not changed:
+            if "settings" not in result:
+                LOG.warning("study row %s seed %d: %s predates saved settings; reused because its data and steps match "
+                            "(its encoder, batch shape and evaluation settings cannot be checked)", row.name, seed, done)
             return {**result, "row": row.name, "section": row.section, "x": row.x}
         LOG.warning("study row %s seed %d: the finished run in %s used other settings (%s); it is kept in %s and run again",
                     row.name, seed, folder, ", ".join(changed), _set_aside(folder))
+    elif started.exists():  # stopped before it finished: resume it only with the settings it started with
+        changed = changed_settings({"settings": json.loads(started.read_text())}, settings)
+        if changed:
+            LOG.warning("study row %s seed %d: the unfinished run in %s used other settings (%s); it is kept in %s and run again",
+                        row.name, seed, folder, ", ".join(changed), _set_aside(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(started, settings)
     start, train_seconds = time.time(), 0.0
     if row.method is None:
         encoder = "pixels" if row.name == "raw-pixels" else f"random:{cfg.backbone.name}"
@@ -387,11 +433,10 @@ def _run_one(cfg: StudyConfig, row: Row, seed: int) -> dict:
             scores[name] = {"linear_top1": result.get("linear", {}).get("top1"), "knn_top1": result.get("knn", {}).get("top1")}
         if dataset == cfg.eval.dataset:
             per_class = {int(k): v for k, v in r.get("linear", {}).get("per_class_top1", {}).items()}
-    rare = [per_class[label] for label in _rare_labels(cfg) if label in per_class]
     result = {"row": row.name, "section": row.section, "x": row.x, "method": row.method or row.name, "seed": seed,
               "data": settings["data"], "data_root": settings["data_root"], "encoder": encoder, "scores": scores,
               "linear_top1": scores[cfg.eval.dataset]["linear_top1"], "knn_top1": scores[cfg.eval.dataset]["knn_top1"],
-              "rare_linear_top1": float(np.mean(rare)) if rare else None,
+              "per_class_linear_top1": {str(k): v for k, v in per_class.items()},
               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
               "steps": settings["steps"], "settings": settings}
     atomic_write_json(done, result)
@@ -416,14 +461,24 @@ def run_study(cfg: StudyConfig) -> Path:
     LOG.info("study: %d rows x %d seeds; expected about %.0f minutes on 2 CPU cores (less for what is already done)",
              len(rows), len(cfg.seeds), expected_seconds(cfg, rows) / 60)
     results: list[dict] = []
+    rare_labels = _rare_labels(cfg)
     for row in rows:
-        if row.method == "synclr" and not BACKBONES.traits(cfg.backbone.name)["patch_tokens"]:
+        if not runs_on(cfg, row):
             LOG.warning("study row %s skipped: SynCLR's masked modelling needs a ViT backbone, not %s", row.name, cfg.backbone.name)
             continue
         for seed in cfg.seeds:
             LOG.info("study row %s, seed %d", row.name, seed)
-            results.append(_run_one(cfg, row, seed))
+            results.append(with_rare_mean(_run_one(cfg, row, seed), rare_labels))
     return write_study_report(root, cfg, results)
+
+
+def with_rare_mean(result: dict, rare_labels: list[int]) -> dict:
+    """``result`` with ``rare_linear_top1``: its linear probe's mean accuracy over ``rare_labels`` (the current
+    ``rare_concepts``, so a changed list never mixes with a mean saved for another one); runs saved before per-class
+    scores were kept give None."""
+    per_class = result.get("per_class_linear_top1")
+    rare = [per_class[str(label)] for label in rare_labels if str(label) in per_class] if per_class else []
+    return {**result, "rare_linear_top1": float(np.mean(rare)) if rare else None}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -455,9 +510,36 @@ def summarise(results: list[dict], datasets: list[str]) -> list[dict]:
     return out
 
 
-def _cell(value: tuple[float, float]) -> str:
+def paired_differences(results: list[dict], datasets: list[str], metric: str) -> list[dict]:
+    """For every two trained rows of one section (in report order, ``a`` after ``b``) with two or more seeds in
+    common: the per-seed difference ``a - b`` of ``metric`` on each dataset, as mean and 95% half-width over the
+    shared seeds. Rows of one seed share their data and their seed's draws, so a pair's seeds are matched."""
+    by_row: dict[str, dict[int, dict]] = {}
+    section_of: dict[str, str] = {}
+    for r in results:
+        if r.get("steps"):
+            by_row.setdefault(r["row"], {})[r["seed"]] = r
+            section_of[r["row"]] = r["section"]
+    names = list(by_row)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            seeds = sorted(set(by_row[a]) & set(by_row[b]))
+            if section_of[a] != section_of[b] or len(seeds) < 2:
+                continue
+            line = {"section": section_of[a], "row": a, "minus": b, "seeds": len(seeds)}
+            for dataset in datasets:
+                pairs = [(by_row[a][k]["scores"].get(dataset, {}).get(metric), by_row[b][k]["scores"].get(dataset, {}).get(metric))
+                         for k in seeds]
+                line[dataset] = interval([x - y for x, y in pairs if x is not None and y is not None])
+            out.append(line)
+    return out
+
+
+def _cell(value: tuple[float, float], seeds: int) -> str:
+    """``mean ± half-width``; just the mean for one seed (there is no interval)."""
     mean, half = value
-    return "—" if mean != mean else (f"{mean:.2f}" if half == 0 else f"{mean:.2f} ± {half:.2f}")
+    return "—" if mean != mean else (f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {half:.2f}")
 
 
 def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Path:
@@ -471,6 +553,8 @@ def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Pat
              f"features on real test images ({', '.join(datasets)}), linear probe fit on {cfg.eval.probe_train_size or 'all'} real "
              f"train images.", ""]
     summary = {}
+    metric = "linear_top1" if "linear" in cfg.eval.protocols else "knn_top1"
+    paired = paired_differences(results, datasets, metric)
     for section in ALL_SECTIONS:
         part = [r for r in lines_by_row if r["section"] == section]
         if not part:
@@ -481,13 +565,12 @@ def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Pat
             f"{d} linear | {d} kNN" for d in datasets) + (" | rare concepts linear |" if rare else " |") + " seeds | train s |"
         lines += [f"## {section.replace('_', ' ')}", "", header, "|" + "---|" * (header.count("|") - 1)]
         for r in part:
-            cells = [_cell(r[f"{d}|{m}"]) for d in datasets for m in ("linear_top1", "knn_top1")]
+            cells = [_cell(r[f"{d}|{m}"], r["seeds"]) for d in datasets for m in ("linear_top1", "knn_top1")]
             if rare:
-                cells.append(_cell(r["rare|linear_top1"]))
+                cells.append(_cell(r["rare|linear_top1"], r["seeds"]))
             lines.append(f"| {r['row']} | " + (f"{r['x']:g} | " if axis else "") + " | ".join(cells)
                          + f" | {r['seeds']} | {r['train_seconds']} |")
-        png = f"study_{section}.png"
-        metric = "linear_top1" if "linear" in cfg.eval.protocols else "knn_top1"
+        png, drawn = f"study_{section}.png", False
         headline = [r[f"{cfg.eval.dataset}|{metric}"] for r in part]
         if not axis:
             scored = [(r["row"], v) for r, v in zip(part, headline) if v[0] == v[0]]
@@ -497,17 +580,30 @@ def write_study_report(root: Path, cfg: StudyConfig, results: list[dict]) -> Pat
                 save_bar_chart(root / png, [n for n, _ in scored], [v[0] for _, v in scored],
                                f"{section} ({cfg.backbone.name}): {metric.split('_')[0]} top-1, mean ± 95% interval", "top-1 (%)",
                                errors=[v[1] for _, v in scored])
+                drawn = True
         else:
             xs = [r["x"] for r in part]
             curves = {label: [r[f"{cfg.eval.dataset}|{key}"] for r in part] for label, key in (("linear", "linear_top1"), ("kNN", "knn_top1"))}
             curves = {label: values for label, values in curves.items() if any(v[0] == v[0] for v in values)}
-            save_curve(root / png, {label: (xs, [v[0] for v in values]) for label, values in curves.items()},
-                       title=f"{section.replace('_', ' ')}: mean ± 95% interval", xlabel=SECTION_AXIS[section], ylabel="top-1 (%)",
-                       errors={label: [v[1] for v in values] for label, values in curves.items()}, logx=section == "captions")
-        lines += ["", f"![{section}]({png})", ""]
+            drawn = bool(curves)
+            if drawn:
+                save_curve(root / png, {label: (xs, [v[0] for v in values]) for label, values in curves.items()},
+                           title=f"{section.replace('_', ' ')}: mean ± 95% interval", xlabel=SECTION_AXIS[section], ylabel="top-1 (%)",
+                           errors={label: [v[1] for v in values] for label, values in curves.items()}, logx=section == "captions")
+        if drawn:
+            lines += ["", f"![{section}]({png})"]
+        pairs = [p for p in paired if p["section"] == section]
+        if pairs:
+            lines += ["", f"Paired differences (row minus the earlier row, {metric.split('_')[0]} top-1, mean ± 95% t-interval "
+                      "over the seeds both ran):", "", "| row | minus | " + " | ".join(datasets) + " | seeds |",
+                      "|---|---|" + "---:|" * (len(datasets) + 1)]
+            lines += [f"| {p['row']} | {p['minus']} | " + " | ".join(_cell(p[d], p["seeds"]) for d in datasets)
+                      + f" | {p['seeds']} |" for p in pairs]
+        lines += [""]
         summary[section] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in part]
     lines += ["Reproduce: `synrep study` (resumable; runs already done are skipped).", ""]
-    atomic_write_json(root / "study.json", {"config": dataclasses.asdict(cfg), "runs": results, "summary": summary})
+    atomic_write_json(root / "study.json", {"config": dataclasses.asdict(cfg), "runs": results, "summary": summary,
+                                            "paired": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()} for p in paired]})
     path = root / "study.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -91,7 +91,7 @@ def draw_attributes(split: str, index: int) -> dict[str, str]:
 
 
 def caption(attrs: dict[str, str], class_name: str) -> str:
-    """"a small dark striped sneaker tilted left in the top left" (plain and upright are said too)."""
+    """"a small dark striped sneaker tilted left in the top left" ("plain" is said; upright is left unsaid)."""
     tilt = "" if attrs["tilt"] == "upright" else f" {attrs['tilt']}"
     where = "in the centre" if attrs["position"] == "centre" else f"in the {attrs['position']}"
     return f"a {attrs['size']} {attrs['tone']} {attrs['pattern']} {class_name.lower()}{tilt} {where}"

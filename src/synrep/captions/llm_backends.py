@@ -312,8 +312,9 @@ def _chat(chat: str) -> bool | None:
 CAPTION_BACKENDS = Registry("caption backend", BackendError)
 """Every caption backend: ``factory(argument, settings, **options)`` returns an object with ``name`` and
 ``generate(requests) -> list[str | Failed]``. Traits: ``language_model`` (it writes text itself, so it can
-write backgrounds and takes in-context examples), ``remote`` (requests go to a server) and ``concept_list`` (the
-only concept list the backend can write for)."""
+write backgrounds and takes in-context examples), ``remote`` (requests go to a server), ``concept_list`` (the
+only concept list the backend can write for) and ``distinct_per_concept`` (the most different captions it can
+write for one concept, where that is bounded)."""
 
 
 @CAPTION_BACKENDS.register("template", help="fills SynCLR's caption templates from the concept list (no model)",
@@ -325,7 +326,7 @@ def _template(_, settings: SamplingSettings, **options):
 
 
 @CAPTION_BACKENDS.register("world", help="captions of the attribute world (class + tone, pattern, size, position, tilt; no model)",
-                           language_model=False, remote=False, concept_list="fashion-mnist")
+                           language_model=False, remote=False, concept_list="fashion-mnist", distinct_per_concept=360)
 def _world(_, settings: SamplingSettings, seed: int = 0, **options):
     from .world_backend import WorldCaptionBackend
 

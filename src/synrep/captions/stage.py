@@ -133,6 +133,10 @@ class CaptionsConfig:
                 f"'llm' needs a language-model backend ({', '.join(CAPTION_BACKENDS.names_with('language_model'))}), "
                 f"not {self.backend!r}")
         require(bool(self.api_key_env), "api_key_env", "is empty; name the environment variable holding the API key")
+        distinct = CAPTION_BACKENDS.traits(self.backend).get("distinct_per_concept")
+        require(not distinct or self.dedup == "none" or self.per_concept <= distinct, "per_concept",
+                f"{self.per_concept} is more than the {distinct} distinct captions per concept that backend {self.backend!r} "
+                f"writes (de-duplication would drop the rest); ask for at most {distinct}, or dedup=none to repeat them")
         only = CAPTION_BACKENDS.traits(self.backend).get("concept_list")
         require(only in (None, self.concepts), "concepts", f"backend {self.backend!r} writes captions for the {only!r} concept list only, "
                 f"not {self.concepts!r}")
