@@ -429,3 +429,12 @@ def test_probe_train_size_encodes_only_the_subset_or_reads_rows_of_a_whole_cache
     np.testing.assert_allclose(np.load(tmp_path / "s" / "features" / "train" / "features.npy").astype(np.float32),
                                whole_feats[keep].astype(np.float32), atol=2e-3)
     assert again["linear"]["top1"] == sub["linear"]["top1"]
+
+
+def test_rows_of_a_memory_map_read_the_right_rows_whole_or_sliced(tmp_path):
+    data = np.arange(60, dtype=np.float32).reshape(15, 4)
+    np.save(tmp_path / "f.npy", data)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    np.testing.assert_array_equal(Rows(mapped).read(3, 6), data[3:6])
+    np.testing.assert_array_equal(Rows(mapped[5:]).read(0, 2), data[5:7])  # a slice keeps its parent's offset
+    np.testing.assert_array_equal(Rows(mapped[5:]).take(np.array([1, 3])).read(0, 2), data[[6, 8]])

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import os
@@ -178,6 +179,68 @@ def test_a_failing_batch_fails_only_its_shard_and_a_rerun_completes(random_gener
     assert _digests(tmp_path / "run") == _digests(tmp_path / "ref")
 
 
+def test_a_shard_failing_on_another_rank_leaves_the_set_unfinished(random_generator_dir, captions_file, tmp_path, monkeypatch):
+    from synrep.generate import generators, stage
+
+    cfg = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "run"), generator=f"embedded:{random_generator_dir}",
+                         limit_captions=8, captions_per_shard=4, batch_captions=2, steps=2, preview=False)
+    run_generate(cfg)
+    assert stage.is_complete(tmp_path / "run")
+    real_sum = stage.all_reduce_sum_
+    sums = []
+
+    def other_rank_failed(tensor):  # what rank 0 sees when rank 1's shard failed: one more failure in the sum
+        sums.append(tensor.clone())
+        return real_sum(tensor) + (1 if len(sums) == 2 else 0)
+
+    monkeypatch.setattr(stage, "all_reduce_sum_", other_rank_failed)
+    (tmp_path / "run" / "shard-00001.tar").unlink()  # a shard to write again: the old done-marker must go
+    with pytest.raises(RuntimeError, match="1 shard\\(s\\) failed on other ranks"):
+        run_generate(cfg)
+    assert not stage.is_complete(tmp_path / "run"), "rank 0 must not mark a set done that another rank left incomplete"
+    assert [int(t.item()) for t in sums] == [1, 0], "pending shards, then this rank's failures, are summed over ranks"
+    monkeypatch.setattr(generators.EmbeddedT2I, "draw", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(stage, "all_reduce_sum_", real_sum)
+    (tmp_path / "run" / "shard-00000.tar").unlink()
+    with pytest.raises(RuntimeError, match="shard-00000.tar"):
+        run_generate(cfg)
+    assert not stage.is_complete(tmp_path / "run")
+
+
+def test_a_resume_that_would_draw_in_another_precision_is_refused(random_generator_dir, captions_file, tmp_path, monkeypatch):
+    from synrep.generate import stage
+
+    cfg = GenerateConfig(captions=str(captions_file), out_dir=str(tmp_path / "run"), generator=f"embedded:{random_generator_dir}",
+                         limit_captions=8, captions_per_shard=4, batch_captions=2, steps=2, preview=False)
+    run_generate(cfg)
+    assert {s.meta["precision"] for shard in list_shards(tmp_path / "run") for s in read_shard(shard)} == {"fp32"}
+    real_make = stage.make_generator
+
+    def on_a_gpu(*args, **kwargs):  # what dtype=auto gives a diffusers model on CUDA
+        generator = real_make(*args, **kwargs)
+        generator.precision = "fp16"
+        return generator
+
+    monkeypatch.setattr(stage, "make_generator", on_a_gpu)
+    (tmp_path / "run" / "shard-00001.tar").unlink()
+    from synrep.errors import SettingsChanged
+
+    with pytest.raises(SettingsChanged, match="drawn in fp32, but this run would draw in fp16.*dtype=fp32"):
+        run_generate(cfg)
+    assert [p.name for p in list_shards(tmp_path / "run")] == ["shard-00000.tar"], "nothing was written"
+
+
+def test_an_empty_finished_shard_reads_as_empty_and_a_broken_one_fails(tmp_path):
+    from synrep.shards import ShardError, ShardWriter
+
+    with ShardWriter(tmp_path / "shard-00000.tar") as writer:  # curation dropped every image of its captions
+        pass
+    assert read_shard(tmp_path / "shard-00000.tar") == []
+    (tmp_path / "shard-00000.json").unlink()
+    with pytest.raises(ShardError, match="no samples"):
+        read_shard(tmp_path / "shard-00000.tar")
+
+
 class _NoBar:
     def update(self, n):
         pass
@@ -263,6 +326,11 @@ def test_curation_drops_or_redraws_images_below_the_agreement_threshold(random_g
         assert any(r > 0 for g in groups for r in g.meta["redraws"]) and all(len(g.images) == 4 for g in groups)
     run_generate(GenerateConfig(out_dir=str(tmp_path / "b"), **common))
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b"), "curation is seeded: the same bytes again"
+    if mode == "drop":  # nothing passes: every shard is finished and empty, and the run says why, every time
+        none = GenerateConfig(out_dir=str(tmp_path / "none"), **{**common, "curate": dataclasses.replace(common["curate"], threshold=1.0)})
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="dropped every one"):
+                run_generate(none)
     with pytest.raises(ValueError, match="curate.threshold"):
         load_config(GenerateConfig, None, ["curate.mode=drop", "curate.threshold=1.5"])
 

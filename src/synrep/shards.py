@@ -234,8 +234,18 @@ def read_shard(path: str | Path) -> list[GroupSample]:
             raise ShardError(f"{path}: sample {key} has {n} images or images of different sizes")
         samples.append(GroupSample(key, np.stack(images), meta))
     if not samples:
+        if _marked_empty(path):  # curation may drop every image of a shard: a finished, empty shard
+            return []
         raise ShardError(f"{path}: shard holds no samples")
     return samples
+
+
+def _marked_empty(path: Path) -> bool:
+    """Whether the done-marker of ``path`` records a finished shard of 0 samples."""
+    try:
+        return json.loads(marker_path(path).read_text()).get("samples") == 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def list_shards(folder: str | Path) -> list[Path]:

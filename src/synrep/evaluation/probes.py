@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -61,7 +62,9 @@ class Rows:
         return Rows(self.array, positions if self.index is None else self.index[positions])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        if self.index is None and isinstance(self.array, np.memmap) and self.array.flags.c_contiguous:
+        # only a whole mapping: a slice of one keeps its parent's offset, so its file position is unknown here
+        if self.index is None and isinstance(self.array, np.memmap) and isinstance(self.array.base, mmap.mmap) \
+                and self.array.flags.c_contiguous:
             # A plain read, not a slice of the mapping: mapped pages would stay resident in this process.
             row_bytes = self.array.shape[1] * self.array.dtype.itemsize
             out = np.fromfile(self.array.filename, dtype=self.array.dtype, count=(stop - start) * self.array.shape[1],

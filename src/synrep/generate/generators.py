@@ -52,6 +52,7 @@ class EmbeddedT2I:
         except GeneratorError as err:
             raise GeneratorSpecError(str(err)) from None
         self.name = name or ("embedded" if folder is None else f"embedded:{folder}")
+        self.precision = "fp32"  # the embedded model always samples in fp32
         self.size = self.model.cfg.image_size
         self.factor = self.model.cfg.downsample_factor
 
@@ -89,6 +90,8 @@ class DiffusersT2I:
             torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
         if torch_dtype is None:
             raise GeneratorSpecError(f"dtype={dtype!r} is not allowed; choose auto, fp32, fp16 or bf16")
+        # recorded with every image: a resume must not mix precisions (dtype=auto follows the device)
+        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[torch_dtype]
         try:
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, local_files_only=path.exists(),
                                                      safety_checker=None, requires_safety_checker=False)
@@ -156,7 +159,8 @@ class DiffusersT2I:
 
 GENERATORS = Registry("generator", GeneratorSpecError)
 """Every text-to-image generator: ``factory(argument, device, dtype, attention_slicing, vae_slicing, cpu_offload,
-scheduler)`` returns an object with ``name``, ``check``, ``noise_shape`` and ``draw`` (see the module docstring)."""
+scheduler)`` returns an object with ``name``, ``precision`` (``fp32``, ``fp16`` or ``bf16``: what it samples in),
+``check``, ``noise_shape`` and ``draw`` (see the module docstring)."""
 
 
 @GENERATORS.register("embedded", argument="<folder>", optional_argument=True,

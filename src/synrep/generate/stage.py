@@ -3,7 +3,7 @@
 Captions are cut into shards of ``captions_per_shard`` in file order; shard k is drawn by rank
 ``k mod world_size`` (static), which reads only that shard's lines of the captions file (found through
 the file's line-offset sidecar; no rank reads the file whole), in pipeline calls of ``batch_captions``
-captions x n images. Image j of caption i starts from noise seeded by ``stable_seed(seed, i, j)`` (recorded in the metadata), so a
+captions x n images. Image j of caption i starts from noise seeded by ``stable_seed("image", seed, i, j)`` (recorded in the metadata), so a
 rerun, a resumed run, or a run on any number of ranks gives the same bytes. With ``views=latent``
 (GenRep) a caption's images start from one anchor noise z and its neighbours: image 0 is the anchor itself
 (``latent_anchor_view``) and image j starts from ``(z + sigma * eps_j) / sqrt(1 + sigma^2 * var(eps))``,
@@ -29,10 +29,11 @@ from tqdm import tqdm
 from ..captions.files import CaptionsFileError
 from ..captions.stage import captions_path, count_captions, iter_captions
 from ..config import changed_settings, check_config, config_to_dict, read_yaml, require, save_config
-from ..distributed import barrier, init_distributed
+from ..distributed import all_reduce_sum_, barrier, init_distributed
 from ..errors import SettingsChanged, SynrepError
 from ..plots import save_image_grid
-from ..shards import INDEX_FILE, ShardWriter, encode_image, list_shards, marker_path, read_shard, shard_done, shard_name, write_index
+from ..shards import (INDEX_FILE, ShardWriter, encode_image, iter_tar_samples, list_shards, marker_path, read_shard, shard_done,
+                      shard_name, write_index)
 from ..atomic import atomic_write_json, remove_stale_temps
 from ..utils import set_threads, stable_seed
 from .curation import CurationConfig, Curator, count_outcomes, curation_totals, new_counts, redraw_noise, redraw_seed
@@ -75,7 +76,7 @@ class GenerateConfig:
     writer_threads: int = 2  # threads that encode images and write the tar while the generator draws (0 = inline)
     curate: CurationConfig = field(default_factory=CurationConfig)  # drop or redraw images that do not show their caption's concept
     image_format: Literal["png", "jpg"] = "png"  # stored image format: png or jpg
-    seed: int = 0  # run seed: image j of caption i uses stable_seed(seed, i, j)
+    seed: int = 0  # run seed: image j of caption i uses stable_seed("image", seed, i, j)
     preview: bool = True  # write preview.png (captions x images) at the end
     attention_slicing: bool = False  # diffusers attention slicing (less memory, slower)
     vae_slicing: bool = False  # diffusers VAE slicing (less memory)
@@ -237,7 +238,8 @@ def _write_shard(cfg: GenerateConfig, generator, settings: DrawSettings, records
                             "template": rec.get("template"), "background": rec.get("background"), "relation": rec.get("relation"),
                             "caption_backend": rec.get("backend"), "generator": generator.name,
                             "guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
-                            "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed, **prov, **curated[k][1]}
+                            "negative_prompt": cfg.negative_prompt, "views": cfg.views, "run_seed": cfg.seed,
+                            "precision": generator.precision, **prov, **curated[k][1]}
                     key, group = f"{int(rec['id']):09d}", curated[k][0]
                     written += len(group)
                     if not len(group):  # curation dropped every image of this caption
@@ -282,6 +284,17 @@ def saved_settings(out_dir: str | Path) -> dict | None:
     return run_settings(saved) if isinstance(saved, dict) else None
 
 
+def stored_precision(out_dir: str | Path) -> str | None:
+    """The precision recorded with the first stored image in ``out_dir`` (None: no shards, or from before it was recorded)."""
+    for shard in list_shards(out_dir):
+        for _, fields in iter_tar_samples(shard, 0, 1):
+            try:
+                return json.loads(fields["json"]).get("precision")
+            except (KeyError, ValueError, AttributeError):
+                return None
+    return None
+
+
 def is_complete(out_dir: str | Path) -> bool:
     return outputs(out_dir)["done"].is_file() and outputs(out_dir)["index"].is_file()
 
@@ -315,8 +328,11 @@ def run_generate(cfg: GenerateConfig) -> Path:
         if changed:
             raise SettingsChanged(f"{out} already holds shards made with different settings ({'; '.join(changed)}); "
                                   "use a new out_dir or delete the old shards")
+    pending = int(all_reduce_sum_(torch.tensor([len(todo)])).item())  # shards still to write, over every rank
     if info.is_main:
         save_config(cfg, out)  # the stage's one record of its settings (a resume is checked against it)
+        if pending:  # the done-marker of an earlier run must not outlive a run that has more to write
+            outputs(out)["done"].unlink(missing_ok=True)
     barrier()  # no rank writes a shard before the settings are recorded
     for k, _, _ in mine:  # partial files of this rank's shards left by a killed run (never visible as shards)
         remove_stale_temps(out / shard_name(k))
@@ -330,6 +346,10 @@ def run_generate(cfg: GenerateConfig) -> Path:
         generator = make_generator(cfg.generator, device, cfg.dtype, cfg.attention_slicing, cfg.vae_slicing, cfg.cpu_offload, cfg.scheduler)
         settings = _settings(cfg)
         generator.check(settings)
+        stored = stored_precision(out)
+        if stored not in (None, generator.precision):
+            raise SettingsChanged(f"{out} holds images drawn in {stored}, but this run would draw in {generator.precision} "
+                                  f"(dtype={cfg.dtype} on {device}); resume with dtype={stored}, or use a new out_dir")
         curator = Curator(cfg.curate, out, device) if cfg.curate.mode != "off" else None
         images = sum(stop - begin for _, begin, stop in todo) * cfg.images_per_caption
         with tqdm(total=images, desc=f"generate ({generator.name})", unit="img", disable=not info.is_main, dynamic_ncols=True) as bar:
@@ -345,9 +365,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
                     LOG.error("shard %s failed and was discarded (rerun to retry it): %s: %s", path.name, type(err).__name__, err)
                 bar.set_postfix(img_per_s=f"{images_made / max(time.time() - start, 1e-9):.1f}")
     seconds = time.time() - start
-    barrier()
+    failed_anywhere = int(all_reduce_sum_(torch.tensor([len(failed)])).item())  # also the barrier before rank 0 indexes
     if failed:
         raise GenerateError(f"{len(failed)} shard(s) failed: {', '.join(failed)}; completed shards are kept, rerun the same command")
+    if failed_anywhere:  # another rank's shard failed: the set is incomplete, so no rank may mark it done
+        raise GenerateError(f"{failed_anywhere} shard(s) failed on other ranks (their logs name them); completed shards are "
+                            "kept, rerun the same command")
     if info.is_main:
         gen_name = generator.name if generator else cfg.generator
         image_size = next((list(sample.images.shape[1:]) for shard in list_shards(out) for sample in read_shard(shard)), None)
