@@ -225,3 +225,40 @@ def test_stablerep_plus_with_the_transformer_tower_trains_it(shard_dir, tmp_path
     assert tower_keys and any(not torch.equal(state[k], fresh[k]) for k in tower_keys), "the text transformer is trained"
     with pytest.raises(ValueError, match="text_width"):
         load_config(TrainConfig, None, ["method=stablerep+", "loss.text_tower=transformer", "loss.text_width=30", "loss.text_heads=4"])
+
+
+def test_stablerep_plus_gathers_as_many_text_rows_as_image_rows_when_a_batch_repeats_groups(monkeypatch):
+    """Every rank must gather tensors of one shape: a batch padded with a repeated group (after unreadable data)
+    has fewer distinct captions, so its text rows are padded to the batch size and dropped after the gather."""
+    from synrep.training import methods
+
+    cfg = load_config(TrainConfig, None, ["method=stablerep+"])
+    torch.manual_seed(0)
+    method = build_method("stablerep+", cfg.backbone, cfg.loss, cfg.augment, 10, 2)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])  # group 0 repeated to fill the batch
+    batch = {"group": groups, "text": torch.randn(3, 384)[groups]}
+    feats = torch.randn(len(groups), method.backbone.feature_dim, requires_grad=True)
+    one_rank = method.extra_losses(batch, feats)["image_text"]
+    shapes = []
+
+    def two_ranks(tensor):  # as if a second rank sent the same rows: the shapes must agree across ranks
+        shapes.append(tuple(tensor.shape))
+        return torch.cat([tensor, tensor])
+
+    monkeypatch.setattr(methods, "gather_with_grad", two_ranks)
+    monkeypatch.setattr(methods, "gather_no_grad", two_ranks)
+    both = method.extra_losses(batch, feats)["image_text"]
+    assert [s[0] for s in shapes] == [len(groups)] * 4, shapes
+    assert torch.isfinite(both) and torch.isfinite(one_rank)
+    both.backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()
+
+
+def test_stablerep_with_one_image_per_group_and_one_view_is_refused(shard_dir, tmp_path):
+    from synrep.training.loop import TrainingError
+
+    cfg = load_config(TrainConfig, None, [f"data={shard_dir}", f"out_dir={tmp_path / 'one'}", "method=stablerep", "steps=1",
+                                          "groups_per_batch=4", "images_per_group=1", "loader.num_workers=0"])
+    with pytest.raises(TrainingError, match="images_per_group=1 and loss.views=1"):
+        train(cfg)
+    assert not (tmp_path / "one" / "checkpoint.pt").exists()

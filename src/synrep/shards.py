@@ -116,6 +116,7 @@ class ShardWriter:
         self.image_format = image_format
         self.samples = 0
         self.images = 0
+        self.min_images: int | None = None  # the smallest group (curation may drop images)
         self.extra_stats = extra_stats or {}
         self.concepts: dict[str, int] = {}
         self._file = None
@@ -140,6 +141,7 @@ class ShardWriter:
             _add_member(self._tar, f"{key}.{i}.{self.image_format}", data)
         self.samples += 1
         self.images += len(images)
+        self.min_images = len(images) if self.min_images is None else min(self.min_images, len(images))
         concept = str(meta.get("concept", ""))
         self.concepts[concept] = self.concepts.get(concept, 0) + 1
 
@@ -157,7 +159,7 @@ class ShardWriter:
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
         atomic_write_json(marker_path(self.path), {"shard": self.path.name, "samples": self.samples, "images": self.images,
                                                     "bytes": self.path.stat().st_size, "sha256": digest, "concepts": self.concepts,
-                                                    **self.extra_stats})
+                                                    "min_images": self.min_images, **self.extra_stats})
 
 
 def shard_done(path: str | Path) -> bool:
@@ -269,7 +271,10 @@ def write_index(folder: str | Path, info: dict) -> Path:
         for name, n in s.get("concepts", {}).items():
             concepts[name] = concepts.get(name, 0) + n
     # The concept list (sorted) fixes every concept's integer id for training, on every rank and worker.
-    index = {"format": SHARD_FORMAT, **info, "num_shards": len(shards),
+    # the smallest group over the shards (None when a shard predates the count): what short_groups must expect
+    sizes = [s.get("min_images", -1) for s in shards if s.get("samples")]
+    smallest = min(sizes) if sizes and -1 not in sizes else None
+    index = {"format": SHARD_FORMAT, **info, "min_images_per_group": smallest, "num_shards": len(shards),
              "num_groups": sum(s["samples"] for s in shards), "num_images": sum(s["images"] for s in shards),
              "concepts": sorted(concepts), "concept_counts": {c: concepts[c] for c in sorted(concepts)}, "shards": shards}
     atomic_write_json(folder / INDEX_FILE, index)
@@ -285,12 +290,14 @@ def read_index(folder: str | Path) -> dict:
 
 def write_random_shards(folder: str | Path, groups_per_shard: list[int], images_per_group: int = 4, size: int = 16,
                         channels: int = 3, image_format: str = "jpg", concepts: int = 10, distinct: int = 64,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, short: dict[int, int] | None = None) -> Path:
     """A finished shard folder of random-content caption groups, for tests and loader benchmarks.
 
-    Shard k holds ``groups_per_shard[k]`` groups; group g's concept is ``concept-{g % concepts}``. Only
+    Shard k holds ``groups_per_shard[k]`` groups; group g's concept is ``concept-{g % concepts}``; group g has
+    ``short[g]`` images where ``short`` names it (as curation's drop leaves), else ``images_per_group``. Only
     ``distinct`` different images are encoded and their bytes reused, so a million images take seconds.
     """
+    short = short or {}
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     pool = [encode_image(rng.integers(0, 256, (size, size, channels), dtype=np.uint8), image_format) for _ in range(distinct)]
@@ -298,7 +305,7 @@ def write_random_shards(folder: str | Path, groups_per_shard: list[int], images_
     for k, count in enumerate(groups_per_shard):
         with ShardWriter(folder / shard_name(k), image_format) as writer:
             for _ in range(count):
-                images = [pool[(g * images_per_group + j) % distinct] for j in range(images_per_group)]
+                images = [pool[(g * images_per_group + j) % distinct] for j in range(short.get(g, images_per_group))]
                 writer.add_encoded(f"{g:09d}", images, {"caption": f"caption {g}", "caption_id": g, "concept": f"concept-{g % concepts}"})
                 g += 1
     write_index(folder, {"generator": "random", "images_per_caption": images_per_group, "image_format": image_format,

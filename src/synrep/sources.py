@@ -124,6 +124,7 @@ class Source:
     units: UnitTable
     class_names: list[str]
     images_per_group: int  # the most images any group has (1 for labelled real data)
+    min_images_per_group: int = 0  # the fewest images any group has, where known (0: unknown, take images_per_group)
     image_shape: tuple[int, int, int] | None  # (H, W, C) when every image has it, else None
     description: str
 
@@ -183,6 +184,7 @@ class ShardSource(Source):
         self.class_names = list(concepts)
         self._concept_ids = {c: i for i, c in enumerate(self.class_names)}
         self.images_per_group = int(index.get("images_per_caption") or 0)
+        self.min_images_per_group = int(index.get("min_images_per_group") or 0)  # fewer after curate.mode=drop
         shape = index.get("image_shape")
         self.image_shape = tuple(shape) if shape and len(shape) == 3 else None
         self.description = f"{self.folder} ({self.units.total} caption groups in {len(names)} shards)"

@@ -20,6 +20,7 @@ place in the batch is taken by a recent good group, so that no rank falls out of
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -156,12 +157,13 @@ class GroupBatchStream(IterableDataset):
         stream = self._read(segments(units.counts, order, start, length))
         rng = np.random.default_rng([spec.seed, epoch, self.rank, worker, 11])
         mixed = shuffle_buffer(stream, spec.shuffle_buffer if self.shuffle else 0, rng)
-        recent: list[tuple] = []  # the last G good decoded groups, to fill in for unreadable ones
+        # The last G good groups, to fill in for missing ones: decoded, or raw when read before start_step (decoded
+        # only if a batch needs them; decoding is seeded per group, so a resumed run fills in the same images).
+        recent: list = []
         for b in positions:
             step = epoch * self.steps + b
             if step < self.start_step:  # read (the shuffle buffer needs it), never decoded
-                for _ in zip(range(spec.groups), mixed):
-                    pass
+                recent = (recent + list(itertools.islice(mixed, spec.groups)))[-spec.groups:]
                 continue
             chosen = []
             for raw in mixed:
@@ -172,6 +174,7 @@ class GroupBatchStream(IterableDataset):
                         break
             recent = (recent + chosen)[-spec.groups:]
             if len(chosen) < spec.groups:  # groups were unreadable: keep every rank in step with recent good ones
+                recent = [g for g in (g if isinstance(g, tuple) else self._decode(g, epoch) for g in recent) if g is not None]
                 if not recent:
                     raise StreamError(f"{self.source.description}: no readable group for batch {step} on rank {self.rank}")
                 missing = spec.groups - len(chosen)

@@ -51,6 +51,7 @@ class LimitedSource(Source):
         self.units = UnitTable(source.units.names[:keep], counts)
         self.captioned, self.class_names = source.captioned, source.class_names
         self.images_per_group, self.image_shape = source.images_per_group, source.image_shape
+        self.min_images_per_group = source.min_images_per_group
         self.description = f"{source.description}, first {limit} groups"
 
     def read(self, unit: int, start: int = 0, stop: int | None = None):
@@ -74,9 +75,14 @@ def check_data(source: Source, groups_per_batch: int, images_per_group: int, sho
         raise SourceError(f"images_per_group={images_per_group} but {source.description} has {have} image(s) per {kind}; "
                           f"set images_per_group<={have}" + ("" if source.captioned else " (images_per_group=1 for real data)")
                           + " or short_groups=fewer")
-    if world_size > 1 and short_groups == "fewer" and (not have or have < images_per_group):
+    smallest = source.min_images_per_group or have
+    if smallest and smallest < images_per_group <= have and short_groups == "error":
+        raise SourceError(f"{source.description} has groups of only {smallest} image(s) (curation dropped some), fewer than "
+                          f"images_per_group={images_per_group}; set short_groups=skip (leave them out) or fewer, or "
+                          f"images_per_group<={smallest}")
+    if world_size > 1 and short_groups == "fewer" and (not smallest or smallest < images_per_group):
         raise SourceError(f"short_groups=fewer gives batches of different sizes across {world_size} ranks, which the global "
-                          f"batch cannot gather; with {source.description} use short_groups=skip or images_per_group<={have or 1}")
+                          f"batch cannot gather; with {source.description} use short_groups=skip or images_per_group<={smallest or 1}")
     steps = steps_per_epoch(source.units.total, groups_per_batch, world_size)
     if steps < 1:
         raise SourceError(f"{source.description}: {source.units.total} groups are too few for {world_size} rank(s) x "

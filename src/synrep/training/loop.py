@@ -6,7 +6,8 @@ model/optimizer/RNG state (the data position is the step) every ``checkpoint_eve
 as JSON lines, a NaN/inf guard, and the encoder exported as safetensors at the end.
 
 The batch and the augmentation randomness at step k are functions of (seed, k, rank) only, so a run
-resumed from step k continues exactly as the uninterrupted run would have.
+resumed from step k continues exactly as the uninterrupted run would have (unless a group before k could not be
+decoded; docs/data.md).
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def _check_method(cfg: TrainConfig, source: Source) -> None:
     if method.needs_multiple_images and source.images_per_group == 1 and cfg.loss.views < 2:
         raise TrainingError(f"method {cfg.method} needs several images per caption (or loss.views>=2); "
                             f"{source.description} has one per group")
+    if method.needs_multiple_images and cfg.images_per_group == 1 and cfg.loss.views < 2:  # no anchor would have a positive
+        raise TrainingError(f"method {cfg.method} takes the other images of a caption as positives, but images_per_group=1 "
+                            "and loss.views=1 leave every anchor without one; set images_per_group>=2 or loss.views=2")
     if method.needs_captions and not source.captioned:
         raise TrainingError(f"method {cfg.method} needs captions; {source.description} has none (use a synthetic shard folder)")
 
@@ -202,7 +206,8 @@ def train(cfg: TrainConfig) -> Path:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     info = init_distributed(device)
     if device.startswith("cuda"):
-        device = f"cuda:{info.local_rank}"
+        if info.world_size > 1 or device == "cuda":  # torchrun: each process takes its local rank's GPU
+            device = f"cuda:{info.local_rank}"
         torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

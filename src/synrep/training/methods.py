@@ -267,11 +267,18 @@ class StableRepPlus(StableRep):
         text_src = torch.zeros(len(groups), *text_in.shape[1:], dtype=text_in.dtype, device=feats.device)
         text_src[group_of_row] = text_in  # one row per caption
         text_emb = F.normalize(self.text_projector(text_src), dim=-1)
+        # A batch that repeats a group (padding after unreadable data) has fewer distinct captions on this rank:
+        # pad the rows to the batch size (group -1) so that every rank gathers the same shape, then drop them.
+        pad = len(batch["group"]) - len(groups)
+        text_emb = torch.cat([text_emb, text_emb.new_zeros(pad, text_emb.shape[1])])
+        groups = torch.cat([groups, groups.new_full((pad,), -1)])
         image_all = gather_with_grad(image_emb)
         text_all = gather_with_grad(text_emb)
         group_all = gather_no_grad(batch["group"]) if image_all is not image_emb else batch["group"]
         text_group_all = gather_no_grad(groups) if text_all is not text_emb else groups
-        text_group_all, keep = _unique_first(text_group_all)
+        real = torch.nonzero(text_group_all >= 0).squeeze(1)
+        text_group_all, first = _unique_first(text_group_all[real])
+        keep = real[first]
         scale = self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
         return {"image_text": self.cfg.text_weight * image_text_contrastive(image_all, group_all, text_all[keep], text_group_all, scale)}
 
