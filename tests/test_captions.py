@@ -128,11 +128,11 @@ def test_rerun_with_other_settings_is_refused_and_nothing_is_touched(tmp_path):
     run_captions(cfg)
     (tmp_path / "run" / "parts" / "concept-00002.json").unlink()  # a killed run: one concept left to do
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    for change in ({"per_concept": 5}, {"seed": 1}, {"mix": [1.0, 0.0, 0.0]}):
+    for change in ({"per_concept": 5}, {"seed": 1}, {"mix": [1.0, 0.0, 0.0]}, {"max_retries": 5}):
         with pytest.raises(SettingsChanged, match=f"different settings \\({next(iter(change))}: "):
             run_captions(dataclasses.replace(cfg, **change))
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    run_captions(dataclasses.replace(cfg, max_retries=5, num_threads=1))  # how requests are sent may change
+    run_captions(dataclasses.replace(cfg, concurrency=2, num_threads=1))  # how requests are sent may change
     assert (tmp_path / "run" / "parts" / "concept-00002.json").exists()
 
 
@@ -383,6 +383,11 @@ def test_cleaning_strips_chatty_preambles_and_keeps_one_sentence(raw, expected):
 
 def test_cleaning_rejects_prompt_echo():
     assert clean_caption('The caption is: "Sneaker, a shoe box', ["sneaker"], prompt_input="sneaker, a shoe box") == (None, "prompt echo")
+    assert clean_caption("shirt: a blue shirt on a rack", ["shirt"], prompt_input="shirt") == ("A blue shirt on a rack", "ok")
+    # a caption that opens with the concept's name is a caption, not an echo
+    assert clean_caption("Shirt with a floral pattern hanging on a rack.", ["shirt"], prompt_input="shirt") == \
+        ("Shirt with a floral pattern hanging on a rack.", "ok")
+    assert clean_caption("Bags piled on a table.", ["bags"], prompt_input="bag") == ("Bags piled on a table.", "ok")
 
 
 # ---- captions.jsonl: a seeded interleave of the concepts, written and read as a stream ----

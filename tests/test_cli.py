@@ -59,6 +59,29 @@ def test_run_quick_end_to_end_writes_report_with_figures(tmp_path, fashion_mnist
     # Rerunning skips every completed stage and rebuilds the same report.
     again = subprocess.run([sys.executable, "-m", "synrep.cli", "run", "--quick", f"out_dir={out}"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("complete, skipped") >= 3
+    # Other settings are refused, not answered with the old outputs (which the run would skip to).
+    for override, named in (("train.method=simclr", ("train holds training made with other settings", "method: 'stablerep' -> 'simclr'")),
+                            ("eval.knn_k=5", ("eval/encoder holds an evaluation made with other settings", "knn_k: 20 -> 5"))):
+        other = subprocess.run([sys.executable, "-m", "synrep.cli", "run", "--quick", f"out_dir={out}", override],
+                               capture_output=True, text=True, timeout=300)
+        assert other.returncode != 0 and all(n in other.stderr for n in named), other.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == summary, "nothing was rewritten"
+    more_threads = subprocess.run([sys.executable, "-m", "synrep.cli", "run", "--quick", f"out_dir={out}", "num_threads=1",
+                                   "eval.num_workers=0"], capture_output=True, text=True, timeout=300)
+    assert more_threads.returncode == 0, "where and how fast a stage runs may change"
+
+
+def test_a_run_refuses_outputs_made_from_a_stage_it_will_redo(tmp_path):
+    from synrep.config import load_config
+    from synrep.errors import SettingsChanged
+    from synrep.pipeline import RunConfig, check_reuse, stage_paths
+
+    cfg = stage_paths(load_config(RunConfig, None, [f"out_dir={tmp_path}"]))
+    check_reuse(cfg)  # a new folder
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-00000.tar").write_bytes(b"")  # images of captions that are gone
+    with pytest.raises(SettingsChanged, match="shards holds images made from the captions that this run will make again"):
+        check_reuse(cfg)
 
 
 def test_each_stage_reports_completion_by_its_own_done_marker(tmp_path):

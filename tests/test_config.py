@@ -81,3 +81,20 @@ def test_binary_config_file_is_named(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="bad.yaml is not UTF-8"):
         load_config(TrainConfig, bad)
+
+
+def test_yaml_booleans_are_read_back_as_the_words_a_choice_field_allows(tmp_path):
+    from synrep.captions.stage import CaptionsConfig
+    from synrep.training.loop import TrainConfig
+
+    # YAML 1.1 reads yes/no/off as booleans; a choice field of those words takes the word back
+    assert load_config(CaptionsConfig, None, ["chat=yes"]).chat == "yes"
+    assert load_config(CaptionsConfig, None, ["chat=no"]).chat == "no"
+    cfg = load_config(TrainConfig, None, ["speed.compile=off", "speed.fused_optimizer=0", "speed.tf32=1"])
+    assert (cfg.speed.compile, cfg.speed.fused_optimizer, cfg.speed.tf32) == ("off", False, True)
+    (tmp_path / "c.yaml").write_text("chat: yes\n")
+    assert load_config(CaptionsConfig, str(tmp_path / "c.yaml"), []).chat == "yes"
+    with pytest.raises(ConfigError, match="chat"):
+        load_config(CaptionsConfig, None, ["chat=maybe"])
+    with pytest.raises(ConfigError, match="expected true or false, got 2"):
+        load_config(TrainConfig, None, ["speed.tf32=2"])

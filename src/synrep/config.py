@@ -89,6 +89,9 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+BOOL_WORDS = {True: ("true", "yes", "1", "on"), False: ("false", "no", "0", "off")}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
     origin = get_origin(tp)
@@ -96,6 +99,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans: take back the word that was meant
+            value = next((c for c in choices if isinstance(c, str) and c.lower() in (BOOL_WORDS[value])), value)
         if value in choices:
             return value
         raise ConfigError(f"config key '{key}': {value!r} is not allowed; choose {_describe(tp)}")
@@ -133,9 +138,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        if isinstance(value, int) and value in (0, 1):  # YAML reads 1 and 0 as integers
+            return bool(value)
+        if isinstance(value, str) and value.lower() in BOOL_WORDS[True]:
             return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        if isinstance(value, str) and value.lower() in BOOL_WORDS[False]:
             return False
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
     if tp is int:

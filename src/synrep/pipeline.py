@@ -17,13 +17,15 @@ from typing import Literal
 
 from .captions import stage as captions_stage
 from .captions.stage import CaptionsConfig, run_captions
-from .config import require, save_config
+from .config import changed_settings, config_to_dict, read_yaml, require, save_config
+from .errors import SettingsChanged
 from .evaluation import stage as eval_stage
 from .evaluation.stage import EvalConfig, evaluate, headline
 from .generate import stage as generate_stage
 from .generate.stage import GenerateConfig, run_generate
 from .report import write_report
 from .training.export import ENCODER_FILE, encoder_dir, is_exported
+from .training import loop as train_stage
 from .training.loop import TrainConfig, train
 from .atomic import atomic_write_json
 
@@ -80,9 +82,63 @@ def _timed(timings: dict, name: str, fn, *args):
     return result
 
 
+def _eval_config(cfg: RunConfig, name: str, encoder: str, backbone: dict) -> EvalConfig:
+    """The evaluation of encoder ``name`` (the trained one, pixels or random init of its backbone)."""
+    return dataclasses.replace(cfg.eval, encoder=encoder, out_dir=str(stage_dirs(cfg.out_dir)["eval"] / name),
+                               random_backbone=dataclasses.replace(cfg.train.backbone, **{k: backbone[k] for k in ("image_size", "in_channels")}))
+
+
+def check_reuse(cfg: RunConfig) -> None:
+    """Refuse a run whose folder holds stage outputs that this config would not make: a finished stage made with
+    other settings (it would be skipped), or outputs of a stage after the first unfinished one (they were made
+    from what that stage will now redo). ``cfg`` has its stage paths set (:func:`stage_paths`)."""
+    chain = [("captions", Path(cfg.captions.out_dir), cfg.captions, captions_stage.RESUMABLE_CHANGES,
+              captions_stage.is_complete(cfg.captions.out_dir)),
+             ("images", Path(cfg.generate.out_dir), cfg.generate, (*generate_stage.RUN_ONLY_KEYS, *generate_stage.RESUMABLE_CHANGES),
+              generate_stage.is_complete(cfg.generate.out_dir)),
+             ("training", Path(cfg.train.out_dir), cfg.train, train_stage.RESUMABLE_CHANGES, is_exported(encoder_dir(cfg.train.out_dir)))]
+    redone = None  # the first stage that will run
+    for name, folder, now, may_change, complete in chain:
+        if redone and folder.exists() and any(folder.iterdir()):
+            raise SettingsChanged(f"{folder} holds {name} made from the {redone} that this run will make again; delete {folder} "
+                                  f"and the stages after it to redo them too, or use a new out_dir")
+        if complete and (folder / "config.yaml").exists():
+            changed = changed_settings(read_yaml(folder / "config.yaml", f"{name} settings", SettingsChanged), config_to_dict(now), may_change)
+            if changed:
+                raise SettingsChanged(f"{folder} holds {name} made with other settings ({'; '.join(changed)}); they would be "
+                                      f"reused as they are. Use a new out_dir, or delete {folder} and the stages after it to redo them")
+        redone = redone or (None if complete else name)
+    evals = stage_dirs(cfg.out_dir)["eval"]
+    if redone and evals.exists() and (evals / "encoder").exists():
+        raise SettingsChanged(f"{evals / 'encoder'} holds the evaluation of an encoder that this run will train again; delete it, "
+                              "or use a new out_dir")
+    if not redone:
+        backbone = json.loads((encoder_dir(cfg.train.out_dir) / ENCODER_FILE).read_text())["backbone"]
+        for name, encoder in _encoders(cfg, backbone["name"]).items():
+            saved = evals / name / "config.yaml"
+            if eval_stage.is_complete(evals / name) and saved.exists():
+                now = _eval_config(cfg, name, encoder, backbone)
+                changed = changed_settings(read_yaml(saved, "evaluation settings", SettingsChanged), config_to_dict(now),
+                                           (*eval_stage.RUNTIME_KEYS, "encoder", "random_backbone"))
+                if changed:
+                    raise SettingsChanged(f"{evals / name} holds an evaluation made with other settings ({'; '.join(changed)}); "
+                                          f"use a new out_dir, or delete {evals / name} to evaluate again")
+
+
+def _encoders(cfg: RunConfig, backbone_name: str = "") -> dict[str, str]:
+    """The encoders the run evaluates: its own, and the baselines it names."""
+    encoders = {"encoder": str(encoder_dir(cfg.train.out_dir))}
+    if "pixels" in cfg.baselines:
+        encoders["pixels"] = "pixels"
+    if "random" in cfg.baselines:
+        encoders["random"] = f"random:{backbone_name or cfg.train.backbone.name}"
+    return encoders
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     cfg = stage_paths(cfg)
     root = Path(cfg.out_dir)
+    check_reuse(cfg)  # before anything is written or skipped
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)
     timings_path = root / "timings.json"
@@ -110,21 +166,15 @@ def run_pipeline(cfg: RunConfig) -> dict:
         atomic_write_json(timings_path, timings)
 
     results = {}
-    encoders = {"encoder": str(encoder_dir(cfg.train.out_dir))}
     backbone = json.loads((encoder_dir(cfg.train.out_dir) / ENCODER_FILE).read_text())["backbone"]
-    if "pixels" in cfg.baselines:
-        encoders["pixels"] = "pixels"
-    if "random" in cfg.baselines:
-        encoders["random"] = f"random:{backbone['name']}"
-    for name, encoder in encoders.items():
+    for name, encoder in _encoders(cfg, backbone["name"]).items():
         folder = stage_dirs(root)["eval"] / name
         if eval_stage.is_complete(folder):
             LOG.info("[4/4] evaluation of %s: complete, skipped", name)
             results[name] = json.loads(eval_stage.outputs(folder)["results"].read_text())
             continue
         LOG.info("[4/4] evaluation of %s on real %s test", name, cfg.eval.dataset)
-        ev = dataclasses.replace(cfg.eval, encoder=encoder, out_dir=str(folder),
-                                 random_backbone=dataclasses.replace(cfg.train.backbone, **{k: backbone[k] for k in ("image_size", "in_channels")}))
+        ev = _eval_config(cfg, name, encoder, backbone)
         results[name] = _timed(timings, f"eval_{name}", evaluate, ev)
         atomic_write_json(timings_path, timings)
     report = write_report(root)

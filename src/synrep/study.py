@@ -43,7 +43,7 @@ from .captions.stage import CaptionsConfig, run_captions
 from .config import require, save_config
 from .datasets import DATASETS, concept_list_of
 from .errors import SynrepError
-from .evaluation.stage import EvalConfig, evaluate, is_labelling_of
+from .evaluation.stage import RUNTIME_KEYS, EvalConfig, evaluate, is_labelling_of
 from .generate import stage as generate_stage
 from .generate.curation import CurationConfig
 from .sources import SOURCES
@@ -349,8 +349,8 @@ def expected_seconds(cfg: StudyConfig, rows: list[Row]) -> float:
         + evals * SECONDS_PER_EVAL
 
 
-# evaluation keys that decide how fast, where or with what cache the features are computed, not the scores
-EVAL_RUNTIME_KEYS = ("out_dir", "encoder", "num_workers", "batch_size", "device", "cache_dir", "num_threads", "tasks")
+# evaluation keys that do not decide a row's scores (the study sets the encoder and tasks of every row itself)
+EVAL_RUNTIME_KEYS = (*RUNTIME_KEYS, "encoder", "tasks")
 
 
 def run_settings(cfg: StudyConfig, row: Row) -> dict:

@@ -43,8 +43,11 @@ def clean_caption(raw: str, mentions: list[str] | None, min_words: int = 3, max_
     text = lines[0]
     if "=>" in text:
         text = text.rsplit("=>", 1)[1]
-    if prompt_input and text.strip().lower().startswith(prompt_input.lower()):
-        text = text.strip()[len(prompt_input):]
+    # an echo is the input followed by a separator ("shirt: a shirt on a rack"), not a caption that opens with
+    # the concept's name ("Shirt with a floral pattern ...", "Bags piled on a table")
+    echo = re.match(re.escape(prompt_input.strip()) + r"\s*(?:[:=>|\-\u2013\u2014]+|$)", text.strip(), re.I) if prompt_input else None
+    if echo:
+        text = text.strip()[echo.end():]
     for _ in range(3):
         text = _PREAMBLE.sub("", text)
         text = _LABEL.sub("", text)

@@ -414,8 +414,9 @@ def concept_weights(spec: str, names: list[str]) -> list[float] | None:
     return weights
 
 
-RESUMABLE_CHANGES = ("out_dir", "num_threads", "concurrency", "timeout_s", "max_retries", "backoff_s", "min_fraction",
-                     "api_key_env")  # how the requests are sent or judged, not what the captions are
+# how the requests are sent or judged, not what the captions are (max_retries is not here: it decides how many
+# rounds a rejected caption gets, so which reply is kept)
+RESUMABLE_CHANGES = ("out_dir", "num_threads", "concurrency", "timeout_s", "backoff_s", "min_fraction", "api_key_env")
 
 
 def _check_same_settings(cfg: CaptionsConfig, out: Path) -> None:

@@ -37,6 +37,10 @@ Protocol = Literal["linear", "knn", "fewshot"]
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+# keys that decide where, how fast or with what cache features are computed, not the scores
+RUNTIME_KEYS = ("out_dir", "num_workers", "batch_size", "device", "cache_dir", "num_threads")
+
+
 @dataclass
 class EvalConfig:
     encoder: str = "runs/train/encoder"  # an exported encoder folder, random:<backbone> or pixels
