@@ -38,6 +38,29 @@ def test_show_config_prints_resolved_values(capsys):
     assert "steps: 7" in out and "out_dir: runs/quick" in out
 
 
+def test_quick_profile_yields_to_the_config_file_and_the_overrides(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("out_dir: runs/mine\ntrain:\n  steps: 33\n")
+    assert main(["run", "--quick", "--config", str(config), "--show-config", "eval.probe_train_size=77"]) == 0
+    out = capsys.readouterr().out
+    assert "out_dir: runs/mine" in out and "steps: 33" in out and "probe_train_size: 77" in out
+    assert "per_concept: 50" in out  # what neither names still comes from the quick profile
+
+
+def test_run_refuses_a_stage_path_it_would_replace(tmp_path, capsys):
+    assert main(["run", "--show-config", f"train.data={tmp_path}/elsewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "train.data" in err and "runs/demo/shards" in err and "set out_dir instead" in err
+
+
+def test_a_runs_saved_config_loads_again(tmp_path, capsys):
+    from synrep.config import load_config, save_config
+    from synrep.pipeline import RunConfig, stage_paths
+
+    saved = save_config(stage_paths(load_config(RunConfig, None, [f"out_dir={tmp_path}/run"])), tmp_path)
+    assert load_config(RunConfig, saved).train.data == f"{tmp_path}/run/shards"
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a synrep run folder" in capsys.readouterr().err

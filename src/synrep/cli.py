@@ -164,11 +164,12 @@ def _dispatch(args) -> int:
     overrides = list(args.overrides)
     if args.command == "audit" and overrides and "=" not in overrides[0]:  # `synrep audit <shard folder> ...`
         overrides[0] = f"data={overrides[0]}"
+    profile: list[str] = []
     if args.command == "run" and args.quick:
         from .pipeline import QUICK_OVERRIDES
 
-        overrides = QUICK_OVERRIDES + overrides
-    cfg = load_config(_config_class(args.command, sub), args.config, overrides)
+        profile = QUICK_OVERRIDES  # below --config and the overrides: what the user names wins
+    cfg = load_config(_config_class(args.command, sub), args.config, overrides, profile)
     if args.show_config:
         import yaml
 

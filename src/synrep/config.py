@@ -261,17 +261,20 @@ def preset_layers(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return found
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+                profile: Iterable[str] = ()) -> T:
     """Build a ``cls`` config from defaults, an optional YAML file, then ``key=value`` overrides, and check its values.
 
     A section that names a preset (a ``preset`` key and a ``preset_values()`` method) gets the preset's values
-    between the defaults and the file: keys given in the file or as overrides win over the preset.
+    between the defaults and the file: keys given in the file or as overrides win over the preset. ``profile``
+    (``key=value`` strings, e.g. ``synrep run --quick``) comes after the presets and before the file, so the
+    file and the overrides win over it too.
     """
-    overrides = list(overrides)
-    cfg = _load(cls(), path, overrides)
+    overrides, profile = list(overrides), list(profile)
+    cfg = _load(apply_overrides(cls(), profile), path, overrides)
     presets = preset_layers(cfg)
     if presets:
-        cfg = _load(set_values(cls(), presets), path, overrides)
+        cfg = _load(apply_overrides(set_values(cls(), presets), profile), path, overrides)
     check_config(cfg)
     return cfg
 

@@ -48,6 +48,20 @@ class RunConfig:
         if self.train.short_groups != "fewer":
             require(self.train.images_per_group <= self.generate.images_per_caption, "train.images_per_group",
                     f"{self.train.images_per_group} is more than generate.images_per_caption={self.generate.images_per_caption}")
+        # The run wires its stages together; a path set by hand would be replaced without a word. Accepted: the
+        # default, or what the run sets itself (a run's saved config.yaml holds those, so it loads again).
+        defaults, wired = RunConfig(), stage_paths(self)
+        for key in STAGE_PATH_KEYS:
+            section, name = key.split(".")
+            given, derived = getattr(getattr(self, section), name), getattr(getattr(wired, section), name)
+            require(given in (getattr(getattr(defaults, section), name), derived), key,
+                    f"{given!r}: synrep run sets it to {derived!r} from out_dir; set out_dir instead, or run the "
+                    f"stage by itself (synrep captions / generate / train / eval)")
+
+
+# Keys that stage_paths sets from out_dir (each stage reads the previous stage's outputs).
+STAGE_PATH_KEYS = ("captions.out_dir", "generate.captions", "generate.out_dir", "train.data", "train.out_dir",
+                   "eval.encoder", "eval.out_dir")
 
 
 QUICK_OVERRIDES = [
