@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible ``/v1/completions`` server for tests (stdlib only, 127.0.0.1, a free port).
+"""A scripted OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` server for tests (stdlib only,
+127.0.0.1, a free port). A chat request gets its reply in ``choices[0].message.content``.
 
 ``FakeOpenAI(mode)`` answers every request by ``mode``; ``script`` (a list of modes) is used up first, one
 mode per request. Modes:
@@ -81,7 +82,13 @@ class FakeOpenAI:
         if payload is None:
             if mode != "ok":
                 raise ValueError(f"unknown mode {mode!r}")
-            payload = json.dumps({"choices": [{"text": healthy_text(body["prompt"], int(body["seed"]))}]}).encode()
+            if "messages" in body:
+                content = body["messages"][-1]["content"]
+                asked = content.split("caption for: ", 1)[1].split("\n")[0] if "caption for: " in content else content
+                reply = {"message": {"role": "assistant", "content": healthy_text(asked, int(body["seed"])).strip()}}
+            else:
+                reply = {"text": healthy_text(body["prompt"], int(body["seed"]))}
+            payload = json.dumps({"choices": [reply]}).encode()
         self._send(handler, 200, payload)
 
     @staticmethod

@@ -188,6 +188,21 @@ def test_openai_backend_retries_server_faults_and_fails_requests_that_will_not_h
     assert server.requests[0][2] == "Bearer sekret-123" and "sekret" not in repr(backend)
 
 
+@pytest.mark.parametrize("chat, path", [("yes", "/v1/chat/completions"), ("no", "/v1/completions"), ("auto", "/v1/completions")])
+def test_openai_backend_sends_chat_messages_when_chat_is_yes(tmp_path, chat, path):
+    with FakeOpenAI("ok") as server:
+        written = run_captions(_openai_cfg(tmp_path, server, chat=chat, per_concept=2))
+    assert server.count >= 20 and {p for p, _, _ in server.requests} == {path}
+    bodies = [body for _, body, _ in server.requests]
+    if chat == "yes":
+        assert all("prompt" not in b and b["messages"][0]["role"] == "user" for b in bodies)
+        assert "caption for: sneaker" in " ".join(b["messages"][0]["content"] for b in bodies)
+    else:
+        assert all("messages" not in b and b["prompt"].endswith("=>") for b in bodies)
+    captions = read_captions(written)
+    assert len(captions) == 20 and all(c["concept"] in c["caption"] for c in captions)
+
+
 @pytest.mark.parametrize("mode, cause", [("500", "http 500"), ("invalid json", "invalid json"), ("no choices", "no choices"),
                                          ("binary", "binary reply"), ("slow", "timeout")])
 def test_server_fault_fails_the_stage_marks_nothing_done_and_a_healthy_rerun_finishes(tmp_path, mode, cause):

@@ -166,7 +166,11 @@ def _network_cause(err: BaseException) -> str:
 
 
 class OpenAIBackend:
-    """Client for an OpenAI-compatible ``/v1/completions`` server with concurrency, timeouts and retries.
+    """Client for an OpenAI-compatible server with concurrency, timeouts and retries.
+
+    ``use_chat=False`` posts completion prompts to ``/v1/completions`` (SynCLR's few-shot style);
+    ``use_chat=True`` posts the same request as chat messages to ``/v1/chat/completions`` (the server applies
+    the model's chat template; replies are read from ``choices[0].message.content``).
 
     Each request is tried up to ``1 + retries`` times: server faults (5xx, 408/429, timeouts, connection
     errors, replies that are not UTF-8 JSON with ``choices[0].text``) are retried after an exponential
@@ -179,14 +183,16 @@ class OpenAIBackend:
     remote = True  # requests can fail one by one: the stage keeps the replies of unfinished concepts
 
     def __init__(self, base_url: str, settings: SamplingSettings, model: str = "default", concurrency: int = 8,
-                 timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5, api_key_env: str = "OPENAI_API_KEY"):
+                 timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5, api_key_env: str = "OPENAI_API_KEY",
+                 use_chat: bool = False):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"openai backend URL {base_url!r} must start with http:// or https://")
         if retries < 0 or concurrency < 1 or not timeout_s > 0 or backoff_s < 0:
             raise BackendError(f"openai backend needs retries >= 0, concurrency >= 1, timeout_s > 0 and backoff_s >= 0; "
                                f"got {retries}, {concurrency}, {timeout_s}, {backoff_s}")
         base = base_url.rstrip("/")
-        self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+        self.use_chat = use_chat
+        self.url = base + ("" if base.endswith("/v1") else "/v1") + ("/chat/completions" if use_chat else "/completions")
         self.name = f"openai:{base_url}"
         self.settings, self.model = settings, model
         self.concurrency, self.timeout_s, self.retries, self.backoff_s = concurrency, timeout_s, retries, backoff_s
@@ -241,16 +247,17 @@ class OpenAIBackend:
         except json.JSONDecodeError:
             raise _AttemptFailed("invalid json", True) from None
         choices = body.get("choices") if isinstance(body, dict) else None
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
-                or not isinstance(choices[0].get("text"), str):
+        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        text = (first.get("message") or {}).get("content") if self.use_chat else first.get("text")
+        if not isinstance(text, str):
             raise _AttemptFailed("no choices", True)
-        return choices[0]["text"]
+        return text
 
-    def _one(self, job: tuple[str, int, list[str] | None]) -> str | Failed:
-        """The text for one ``(prompt, seed, stop)``, or :class:`Failed`."""
+    def _one(self, job: tuple[str | list[dict], int, list[str] | None]) -> str | Failed:
+        """The text for one ``(prompt or chat messages, seed, stop)``, or :class:`Failed`."""
         prompt, seed, stop = job
         s = self.settings
-        payload = {"model": self.model, "prompt": prompt, "max_tokens": s.max_new_tokens,
+        payload = {"model": self.model, "messages" if self.use_chat else "prompt": prompt, "max_tokens": s.max_new_tokens,
                    "temperature": s.temperature, "top_p": s.top_p, "seed": int(seed % 2**31)}
         if stop:
             payload["stop"] = stop
@@ -284,10 +291,13 @@ class OpenAIBackend:
         return text
 
     def complete(self, prompts: list[str], seed: int, stop: list[str] | None = None) -> list[str | Failed]:
-        jobs = [(p, stable_seed("llm", seed, i), stop) for i, p in enumerate(prompts)]
+        jobs = [([{"role": "user", "content": p}] if self.use_chat else p, stable_seed("llm", seed, i), stop)
+                for i, p in enumerate(prompts)]
         return self._run(jobs)
 
     def generate(self, requests: list[CaptionRequest]) -> list[str | Failed]:
+        if self.use_chat:  # a chat reply is the caption itself, possibly with more lines: the stage's cleaning reads it
+            return self._run([(build_chat(r), stable_seed("llm", r.seed, r.attempt), None) for r in requests])
         return self._run([(build_prompt(r), stable_seed("llm", r.seed, r.attempt), ["\n"]) for r in requests])
 
     def _run(self, jobs: list) -> list[str | Failed]:
@@ -347,10 +357,12 @@ def _hf(source: str, settings: SamplingSettings, chat: str = "auto", **options):
 
 
 @CAPTION_BACKENDS.register("openai", argument="<http(s)://host:port>", pattern=r"https?://[^/\s]+(/\S*)?",
-                           help="an OpenAI-compatible /v1/completions server (vLLM, llama.cpp, TGI, ...)",
+                           help="an OpenAI-compatible server (vLLM, llama.cpp, TGI, ...): /v1/completions, or "
+                                "/v1/chat/completions with chat=yes",
                            language_model=True, remote=True)
 def _openai(url: str, settings: SamplingSettings, chat: str = "auto", seed: int = 0, **options):
-    return OpenAIBackend(url, settings, **options)
+    # The client cannot see whether the server's model has a chat template, so auto means completions.
+    return OpenAIBackend(url, settings, use_chat=bool(_chat(chat)), **options)
 
 
 def make_backend(spec: str, settings: SamplingSettings, chat: str = "auto", seed: int = 0, **openai_options):
