@@ -209,3 +209,14 @@ def test_compiled_backbone_trains_and_exports_the_same_parameter_names(shard_dir
     backbone, _ = load_encoder(encoder)
     assert set(backbone.state_dict()) == set(build_backbone(BackboneConfig()).state_dict())
     assert len(read_jsonl(tmp_path / "c" / "metrics.jsonl")) == 2
+
+
+def test_a_metrics_row_cut_by_a_kill_does_not_swallow_the_next_row_after_resume(tmp_path):
+    from synrep.training.loop import _drop_metrics_after
+    from synrep.utils import append_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # killed mid-write
+    _drop_metrics_after(path, 20)  # resuming from the step-20 checkpoint
+    append_jsonl(path, {"step": 30, "loss": 0.8})
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20, 30]

@@ -180,11 +180,12 @@ def _check_same_run(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """Remove metrics rows logged after the checkpoint's step (they will be logged again)."""
-    rows = read_jsonl(path) if path.exists() else []
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    """Remove metrics rows logged after the checkpoint's step (they will be logged again), and a row cut short
+    by a kill: rewritten whole, so the next appended row starts on a line of its own."""
+    if not path.exists():
+        return
+    rows = read_jsonl(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
 
 
 def _check_method(cfg: TrainConfig, source: Source) -> None:
