@@ -18,7 +18,7 @@ quick: setup         ## the ~2-minute profile
 	$(SYNREP) run --quick
 
 test: setup          ## the whole test suite, slow end-to-end tests included (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup     ## everything but the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
