@@ -456,13 +456,13 @@ def test_classifier_trained_on_noisy_backgrounds_reads_noisy_images_better(tmp_p
     x = randomise_background(to_input(test.images[:1000]), torch.Generator().manual_seed(0), p=1.0)
     accuracy = {}
     for backgrounds in ("clean", "noisy"):
-        loaded = load_or_train(ClassifierSpec("fmnist-world:class", 20000, 2, 16, 0, backgrounds), tmp_path)
+        loaded = load_or_train(ClassifierSpec("fmnist-world:class", 8000, 2, 16, 0, backgrounds), tmp_path)
         assert loaded.folder.name.endswith("-noisy") == (backgrounds == "noisy"), "each kind is cached apart"
         with torch.no_grad():
             accuracy[backgrounds] = float((loaded.model(x).argmax(1).numpy() == test.labels[:1000]).mean())
-    assert accuracy["noisy"] > accuracy["clean"] + 0.15 and accuracy["noisy"] > 0.45, accuracy  # measured: 0.24 vs 0.59
+    assert accuracy["noisy"] > accuracy["clean"] + 0.15 and accuracy["noisy"] > 0.35, accuracy  # measured: 0.19 vs 0.43
     # a cache written before `backgrounds` existed (no such key in its spec) is a clean one and is reused
-    clean = ClassifierSpec("fmnist-world:class", 20000, 2, 16, 0)
+    clean = ClassifierSpec("fmnist-world:class", 8000, 2, 16, 0)
     marker = tmp_path / clean.folder_name() / "classifier.json"
     info = json.loads(marker.read_text())
     del info["spec"]["backgrounds"]

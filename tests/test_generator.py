@@ -99,8 +99,10 @@ def test_generator_trains_on_the_attribute_world_with_per_image_captions(tmp_pat
 
     fid = load_config(FidelityConfig, None, [f"generator={folder}", f"out_dir={tmp_path / 'fid'}", "dataset=fmnist-world",
                                             "guidance_scales=[2]", "captions_per_class=1", "seeds_per_caption=2", "steps=2",
-                                            "classifier_epochs=3", "classifier_train_size=2048", "attribute_captions=12"])
+                                            "classifier_epochs=3", "classifier_train_size=2048", "classifier_test_size=2000",
+                                            "attribute_captions=12"])
     results = run_fidelity(fid)
+    assert results["classifier_test_images"] == 2000
     tasks = results["attributes"]["tasks"]
     assert set(tasks) == {"class", "tone", "pattern", "size", "position", "tilt"}
     assert all(0 <= t["fidelity"] <= 100 and t["chance"] > 0 for t in tasks.values())

@@ -46,6 +46,7 @@ class FidelityConfig:
     steps: int = 10
     classifier_epochs: int = 2
     classifier_train_size: int = 0  # real train images for the classifiers (0 = all)
+    classifier_test_size: int = 0  # real test images that score the classifiers themselves, the first ones (0 = all)
     attribute_captions: int = 300  # attribute world (dataset=fmnist-world): real test captions drawn for per-attribute fidelity
     seed: int = 0
     num_threads: int = 0
@@ -58,7 +59,7 @@ class FidelityConfig:
         for key in ("captions_per_class", "seeds_per_caption", "steps", "classifier_epochs"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.seeds_per_caption >= 2, "seeds_per_caption", f"must be >= 2 (diversity compares images of a caption), got {self.seeds_per_caption}")
-        for key in ("num_threads", "classifier_train_size"):
+        for key in ("num_threads", "classifier_train_size", "classifier_test_size"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(self.attribute_captions >= 6, "attribute_captions", f"must be >= 6, got {self.attribute_captions}")
 
@@ -77,9 +78,16 @@ class SpatialClassifier(nn.Module):
         return self.head(self.pool(self.cnn.features(x)).flatten(1))
 
 
-def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit: int = 0) -> tuple[nn.Module, float]:
+def _real_test(dataset: str, limit: int = 0):
+    """The real test split, or its first ``limit`` images when > 0."""
+    test = load_dataset(dataset, "test")
+    return test.subset(np.arange(min(limit, len(test)))) if limit else test
+
+
+def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit: int = 0,
+                     test_limit: int = 0) -> tuple[nn.Module, float]:
     """Small CNN + linear head on real train (the first ``limit`` images when > 0; cached in ``out_dir``); returns it
-    and its real test accuracy (%).
+    and its accuracy (%) on real test (the first ``test_limit`` images when > 0).
 
     On the attribute world (``fmnist-world:<task>``) half of each batch is put on a random grey, noisy background
     (:func:`randomise_background`): trained on clean black canvases only, the classifiers read real images with grey
@@ -87,7 +95,7 @@ def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit:
     world = ":" in dataset
     name = "classifier.pt" if not world else f"classifier-{dataset.replace(':', '-')}-bg.pt"
     path = out_dir / name
-    test = load_dataset(dataset, "test")
+    test = _real_test(dataset, test_limit)
     model = SpatialClassifier(len(test.class_names)) if world else nn.Sequential(SmallCNN(1, 32), nn.Linear(256, len(test.class_names)))
     xt = torch.from_numpy(test.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     if path.exists():
@@ -121,10 +129,11 @@ def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit:
     return model, acc
 
 
-def accuracy_on_noisy_background(model: nn.Module, dataset: str, seed: int) -> float:
-    """Top-1 (%) of ``model`` on the real test split with every image on a random grey, noisy background: how well
-    the classifier reads images like the generator's (a fidelity far below this is the generator's, not its)."""
-    test = load_dataset(dataset, "test")
+def accuracy_on_noisy_background(model: nn.Module, dataset: str, seed: int, limit: int = 0) -> float:
+    """Top-1 (%) of ``model`` on the real test split (its first ``limit`` images when > 0) with every image on a
+    random grey, noisy background: how well the classifier reads images like the generator's (a fidelity far below
+    this is the generator's, not its)."""
+    test = _real_test(dataset, limit)
     g = torch.Generator().manual_seed(seed)
     preds = []
     with torch.no_grad():
@@ -149,7 +158,8 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     save_config(cfg, out)
     generator = load_embedded_generator(cfg.generator or None)  # a bad generator or concept list fails before any training
     concepts = load_concepts(cfg.concepts)
-    classifier, real_acc = train_classifier(out, cfg.dataset, cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size)
+    classifier, real_acc = train_classifier(out, cfg.dataset, cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size,
+                                            cfg.classifier_test_size)
     LOG.info("fidelity classifier: %.2f%% on real %s test", real_acc, cfg.dataset)
     classes = sorted((c for c in concepts.concepts if c.label is not None), key=lambda c: c.label)
     test = load_dataset(cfg.dataset, "test")
@@ -157,6 +167,7 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     real_div = float(np.mean([within_group_distance(test.images[rng.choice(np.flatnonzero(test.labels == c.label), cfg.seeds_per_caption, replace=False)])
                               for c in classes for _ in range(cfg.captions_per_class)]))
     results = {"generator": cfg.generator or "shipped", "classifier_real_test_top1": real_acc, "steps": cfg.steps,
+               "classifier_test_images": min(cfg.classifier_test_size or len(test), len(test)),
                "real_within_class_distance": real_div, "scales": {}}
     for scale in cfg.guidance_scales:
         start = time.time()
@@ -212,11 +223,12 @@ def attribute_fidelity(cfg: FidelityConfig, generator, out: Path) -> dict:
     truth = {"class": classes[rows], **{name: values[rows] for name, values in attrs.items()}}
     result = {"guidance": cfg.guidance_scales[0], "captions": len(rows), "tasks": {}}
     for task in ("class", *ATTRIBUTES):
-        classifier, real_acc = train_classifier(out, f"fmnist-world:{task}", cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size)
+        classifier, real_acc = train_classifier(out, f"fmnist-world:{task}", cfg.classifier_epochs, cfg.seed, cfg.classifier_train_size,
+                                                cfg.classifier_test_size)
         with torch.no_grad():
             pred = classifier(images * 2 - 1).argmax(1).numpy()
         chance = 100.0 / (10 if task == "class" else len(ATTRIBUTES[task]))
-        noisy_acc = accuracy_on_noisy_background(classifier, f"fmnist-world:{task}", cfg.seed)
+        noisy_acc = accuracy_on_noisy_background(classifier, f"fmnist-world:{task}", cfg.seed, cfg.classifier_test_size)
         result["tasks"][task] = {"fidelity": float((pred == truth[task]).mean() * 100), "chance": chance,
                                  "classifier_real_test_top1": real_acc, "classifier_noisy_real_test_top1": noisy_acc}
         LOG.info("attribute fidelity %s: %.1f%% (chance %.1f%%, classifier on real test %.1f%%, on real test with noisy "
