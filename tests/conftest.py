@@ -9,7 +9,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+TEST_THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A stage run in-process with num_threads=1 sets torch's thread count for the whole process; without this,
+    every later test ran on one thread (the world generator test took 413 s in the suite, 194 s alone)."""
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
