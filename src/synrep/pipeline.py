@@ -50,11 +50,14 @@ class RunConfig:
                     f"{self.train.images_per_group} is more than generate.images_per_caption={self.generate.images_per_caption}")
         # The run wires its stages together; a path set by hand would be replaced without a word. Accepted: the
         # default, or what the run sets itself (a run's saved config.yaml holds those, so it loads again).
+        def value(cfg: RunConfig, key: str):
+            section, name = key.split(".")
+            return getattr(getattr(cfg, section), name)
+
         defaults, wired = RunConfig(), stage_paths(self)
         for key in STAGE_PATH_KEYS:
-            section, name = key.split(".")
-            given, derived = getattr(getattr(self, section), name), getattr(getattr(wired, section), name)
-            require(given in (getattr(getattr(defaults, section), name), derived), key,
+            given, derived = value(self, key), value(wired, key)
+            require(given in (value(defaults, key), derived), key,
                     f"{given!r}: synrep run sets it to {derived!r} from out_dir; set out_dir instead, or run the "
                     f"stage by itself (synrep captions / generate / train / eval)")
 

@@ -173,8 +173,8 @@ class OpenAIBackend:
     the model's chat template; replies are read from ``choices[0].message.content``).
 
     Each request is tried up to ``1 + retries`` times: server faults (5xx, 408/429, timeouts, connection
-    errors, replies that are not UTF-8 JSON with ``choices[0].text``) are retried after an exponential
-    backoff; other 4xx are not. A request that still has no reply comes back as :class:`Failed` with its
+    errors, replies that are not UTF-8 JSON with ``choices[0].text``, or ``choices[0].message.content`` for chat)
+    are retried after an exponential backoff; other 4xx are not. A request that still has no reply comes back as :class:`Failed` with its
     cause (counted in ``failed``; every retried attempt is counted in ``retried``). 401, 403 and 404 raise
     :class:`ServerRefused` at once, naming the URL and status, and cancel the requests still waiting.
     The API key comes from the environment variable named ``api_key_env`` and is never logged or shown.

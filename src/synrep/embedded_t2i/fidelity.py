@@ -78,10 +78,14 @@ class SpatialClassifier(nn.Module):
         return self.head(self.pool(self.cnn.features(x)).flatten(1))
 
 
+def _first(images, limit: int = 0):
+    """``images`` (LabeledImages), or their first ``limit`` when > 0."""
+    return images.subset(np.arange(min(limit, len(images)))) if limit else images
+
+
 def _real_test(dataset: str, limit: int = 0):
     """The real test split, or its first ``limit`` images when > 0."""
-    test = load_dataset(dataset, "test")
-    return test.subset(np.arange(min(limit, len(test)))) if limit else test
+    return _first(load_dataset(dataset, "test"), limit)
 
 
 def train_classifier(out_dir: Path, dataset: str, epochs: int, seed: int, limit: int = 0,
@@ -167,7 +171,7 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     real_div = float(np.mean([within_group_distance(test.images[rng.choice(np.flatnonzero(test.labels == c.label), cfg.seeds_per_caption, replace=False)])
                               for c in classes for _ in range(cfg.captions_per_class)]))
     results = {"generator": cfg.generator or "shipped", "classifier_real_test_top1": real_acc, "steps": cfg.steps,
-               "classifier_test_images": min(cfg.classifier_test_size or len(test), len(test)),
+               "classifier_test_images": len(_first(test, cfg.classifier_test_size)),
                "real_within_class_distance": real_div, "scales": {}}
     for scale in cfg.guidance_scales:
         start = time.time()
